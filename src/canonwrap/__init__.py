@@ -1,0 +1,3 @@
+"""canonwrap."""
+from canonwrap._version import __version__
+

@@ -1,0 +1,385 @@
+"""``CanonicalizedDiffusion``: a plain denoiser trained on canonical poses.
+
+Training follows Algorithm 1 of the canonicalization paper::
+
+    t ~ U{0..T}, eps ~ N(0, I)
+    z_t  = alpha_t c(x) + sigma_t eps
+    loss = || eps - phi(z_t, t / T) ||^2 / dim(x)    # gradients reach phi and h
+
+Sampling runs the reverse process of ``phi`` alone and yields canonical poses; a
+Haar-random group element applied afterwards (``randomize_pose=True``) gives samples of
+the invariant distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from canonwrap.canonicalizers.base import CanonOutput, Canonicalizer
+from canonwrap.canonicalizers.basic import Identity
+from canonwrap.groups._data import is_point_cloud
+from canonwrap.groups.base import Trivial
+from canonwrap.groups.translations import Translations
+from canonwrap.samplers import AncestralSampler, Sampler
+from canonwrap.schedules import NoiseSchedule, PolynomialSchedule
+from canonwrap.spaces import PointCloudSpace, Space, State, TensorSpace
+
+__all__ = ["CanonicalizedDiffusion", "LossOutput", "NLLOutput"]
+
+
+@dataclass
+class LossOutput:
+    """Result of :meth:`CanonicalizedDiffusion.training_loss`.
+
+    Attributes
+    ----------
+    loss: scalar to minimise (denoising loss plus the canonicalizer's prior loss).
+    denoising: scalar mean squared error per dimension, averaged over the batch.
+    per_sample: ``[B]`` mean squared error per dimension of each sample.
+    t: ``[B]`` integer steps drawn.
+    prior: the canonicalizer's prior loss (``None`` if it has none).
+    terms: scalar terms for logging.
+    """
+
+    loss: Tensor
+    denoising: Tensor
+    per_sample: Tensor
+    t: Tensor
+    prior: Tensor | None = None
+    terms: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class NLLOutput:
+    """Variational bound on ``-log p(x)`` per sample, in nats (``[B]`` each).
+
+    ``nll = kl_prior + diffusion + reconstruction``. For canonicalized models all terms
+    are computed on the canonical pose (see :meth:`CanonicalizedDiffusion.nll`).
+    """
+
+    nll: Tensor
+    kl_prior: Tensor
+    diffusion: Tensor
+    reconstruction: Tensor
+    dims: Tensor
+
+
+def _lin(a: State, x: State, b: State, y: State) -> State:
+    return tuple(ai * xi + bi * yi for ai, xi, bi, yi in zip(a, x, b, y))
+
+
+class CanonicalizedDiffusion(nn.Module):
+    """Wrap any denoiser ``phi(z_t, t)`` with a canonicalizer.
+
+    Parameters
+    ----------
+    denoiser:
+        Any module called as ``denoiser(z_t, t)`` with ``z_t`` in the data's layout and
+        ``t [B]`` normalized times in ``[0, 1]``; returns the predicted noise in the same
+        layout (point clouds: one tensor ``[N, 3 + F]`` or a pair ``(eps_pos, eps_x)``).
+    canonicalizer:
+        A :class:`~canonwrap.canonicalizers.Canonicalizer`; ``None`` means no
+        canonicalization (point clouds are still centred).
+    schedule:
+        Noise schedule; default ``PolynomialSchedule(1000, 2, 1e-5)`` as EDM.
+    space:
+        How the data is laid out; default chosen from the data (point cloud or tensor).
+        Give ``PointCloudSpace(num_features=F)`` to sample point clouds from scratch.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from canonwrap import CanonicalizedDiffusion
+    >>> class MLP(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.net = nn.Linear(5, 4)
+    ...     def forward(self, z, t):
+    ...         return self.net(torch.cat([z, t[:, None]], -1))
+    >>> model = CanonicalizedDiffusion(MLP())
+    >>> out = model.training_loss(torch.randn(8, 4))
+    >>> out.loss.shape
+    torch.Size([])
+    """
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        canonicalizer: Canonicalizer | None = None,
+        schedule: NoiseSchedule | None = None,
+        space: Space | None = None,
+    ) -> None:
+        super().__init__()
+        if not callable(denoiser):
+            raise TypeError(f"denoiser must be callable, got {type(denoiser).__name__}")
+        self.denoiser = denoiser
+        self.canonicalizer = canonicalizer if canonicalizer is not None else Identity()
+        self.schedule = schedule if schedule is not None else PolynomialSchedule()
+        self.space = space
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def timesteps(self) -> int:
+        return self.schedule.timesteps
+
+    def _space(self, data: Any) -> Space:
+        if self.space is not None:
+            return self.space
+        return PointCloudSpace() if is_point_cloud(data) else TensorSpace()
+
+    def _check_device(self, data: Any) -> None:
+        ref = data.pos if is_point_cloud(data) else data
+        if not isinstance(ref, Tensor):
+            return
+        for p in self.parameters():
+            if p.device != ref.device:
+                raise ValueError(
+                    f"data is on {ref.device} but the model's parameters are on {p.device}; "
+                    "move one of them (model.to(device) or data.to(device))"
+                )
+            break
+
+    def _gamma(self, steps: Tensor, dtype: torch.dtype) -> Tensor:
+        return self.schedule.gammas.to(steps.device)[steps].to(dtype)
+
+    def _predict(self, space: Space, z: State, template: Any, steps: Tensor) -> State:
+        t = steps.to(z[0].dtype) / self.timesteps
+        out = self.denoiser(space.to_data(z, template), t)
+        return space.parse_output(out, z, template)
+
+    # ------------------------------------------------------------------ public API
+    def canonicalize(self, data: Any) -> CanonOutput:
+        """Canonical pose of ``data`` with the group element per sample."""
+        return self.canonicalizer(data)
+
+    def training_loss(self, data: Any, generator: torch.Generator | None = None) -> LossOutput:
+        """Algorithm 1: denoising loss on the canonical pose (gradients reach both networks).
+
+        Parameters
+        ----------
+        data: a batch (tensor ``[B, ...]`` or point-cloud ``Batch``).
+        generator: optional generator for ``t`` and ``eps`` (on the data's device or CPU).
+        """
+        space = self._space(data)
+        space.state(data)  # validate the raw input before the canonicalizer sees it
+        self._check_device(data)
+        canon = self.canonicalizer(data)
+        x = space.state(canon.canonical)
+        template = canon.canonical
+        b = space.num_samples(template)
+        device = x[0].device
+        steps = torch.randint(0, self.timesteps + 1, (b,), generator=generator).to(device)
+        gamma = self._gamma(steps, x[0].dtype)
+        alpha = space.expand(self.schedule.alpha(gamma), x, template)
+        sigma = space.expand(self.schedule.sigma(gamma), x, template)
+        eps = space.noise(x, template, generator)
+        z = _lin(alpha, x, sigma, eps)
+        eps_hat = self._predict(space, z, template, steps)
+        sq = space.sum_per_sample(tuple((e - h) ** 2 for e, h in zip(eps, eps_hat)), template)
+        per_sample = sq / space.loss_dims(template).to(sq)
+        denoising = per_sample.mean()
+        loss = denoising
+        terms = {"denoising": denoising.detach()}
+        if canon.prior_loss is not None:
+            loss = loss + canon.prior_loss
+            terms["prior"] = canon.prior_loss.detach()
+        return LossOutput(
+            loss=loss, denoising=denoising, per_sample=per_sample, t=steps,
+            prior=canon.prior_loss, terms=terms,
+        )
+
+    def nll(
+        self,
+        data: Any,
+        *,
+        num_t_samples: int = 1,
+        exact: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> NLLOutput:
+        """Variational upper bound on ``-log p(x)`` in nats per sample (EDM's bound).
+
+        ``nll = KL(q(z_T | x) || N(0, I)) + sum_{t=1}^T L_t + (-log p(x | z_0))`` with
+        ``L_t = 0.5 (SNR(s) / SNR(t) - 1) ||eps - eps_hat(z_t, t)||^2``, ``s = t - 1``, on
+        the data's subspace (for point clouds ``(n - 1) * 3 + n * F`` dimensions: the
+        zero centre-of-mass positions and the features). The diffusion sum is estimated
+        by ``T`` times the mean over ``num_t_samples`` uniform draws of ``t``, or computed
+        over all ``T`` steps when ``exact=True``.
+
+        For a canonicalized model the bound is on the density of canonical poses
+        ``c(x)``, which lives on the quotient space: it is not the likelihood of an
+        invariant model on ``x`` (that would add the log-volume of the orbit).
+        """
+        space = self._space(data)
+        space.state(data)
+        self._check_device(data)
+        with torch.no_grad():
+            canon = self.canonicalizer(data)
+            x = space.state(canon.canonical)
+            template = canon.canonical
+            b = space.num_samples(template)
+            dtype, device = x[0].dtype, x[0].device
+            dims = space.dims(template).to(device=device, dtype=dtype)
+
+            # prior term at t = T
+            steps_T = torch.full((b,), self.timesteps, dtype=torch.long, device=device)
+            g_T = self._gamma(steps_T, dtype)
+            a_T, s_T = self.schedule.alpha(g_T), self.schedule.sigma(g_T)
+            mu2 = space.sum_per_sample(tuple(v**2 for v in x), template) * a_T**2
+            kl_prior = dims * (-torch.log(s_T)) + 0.5 * (dims * s_T**2 + mu2) - 0.5 * dims
+
+            def term(steps: Tensor) -> Tensor:
+                g_t = self._gamma(steps, dtype)
+                g_s = self._gamma(steps - 1, dtype)
+                eps = space.noise(x, template, generator)
+                z = _lin(
+                    space.expand(self.schedule.alpha(g_t), x, template), x,
+                    space.expand(self.schedule.sigma(g_t), x, template), eps,
+                )
+                eps_hat = self._predict(space, z, template, steps)
+                sq = space.sum_per_sample(
+                    tuple((e - h) ** 2 for e, h in zip(eps, eps_hat)), template
+                )
+                return 0.5 * torch.expm1(g_t - g_s) * sq
+
+            if exact:
+                diffusion = torch.zeros(b, dtype=dtype, device=device)
+                for k in range(1, self.timesteps + 1):
+                    diffusion = diffusion + term(torch.full_like(steps_T, k))
+            else:
+                if num_t_samples < 1:
+                    raise ValueError("num_t_samples must be >= 1")
+                acc = torch.zeros(b, dtype=dtype, device=device)
+                for _ in range(num_t_samples):
+                    steps = torch.randint(1, self.timesteps + 1, (b,), generator=generator)
+                    acc = acc + term(steps.to(device))
+                diffusion = self.timesteps * acc / num_t_samples
+
+            # reconstruction term at t = 0
+            steps_0 = torch.zeros(b, dtype=torch.long, device=device)
+            g_0 = self._gamma(steps_0, dtype)
+            eps = space.noise(x, template, generator)
+            z0 = _lin(
+                space.expand(self.schedule.alpha(g_0), x, template), x,
+                space.expand(self.schedule.sigma(g_0), x, template), eps,
+            )
+            eps_hat = self._predict(space, z0, template, steps_0)
+            recon = space.reconstruction_nll(x, eps, eps_hat, g_0, template)
+        return NLLOutput(
+            nll=kl_prior + diffusion + recon, kl_prior=kl_prior, diffusion=diffusion,
+            reconstruction=recon, dims=dims,
+        )
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int | None = None,
+        *,
+        shape: tuple[int, ...] | None = None,
+        num_nodes: Any = None,
+        sampler: Sampler | None = None,
+        generator: torch.Generator | None = None,
+        randomize_pose: bool = False,
+        progress: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: Any = None,
+    ) -> Any:
+        """Draw samples by running the reverse process of the denoiser alone.
+
+        Parameters
+        ----------
+        num_samples, shape:
+            For tensors: ``shape`` of one sample (``num_samples`` of them) or of the batch.
+        num_nodes:
+            For point clouds: number of nodes of each sample (sequence or tensor ``[B]``).
+        sampler:
+            Default :class:`~canonwrap.samplers.AncestralSampler` over all ``T`` steps.
+        generator:
+            Seeds the prior noise and every stochastic step.
+        randomize_pose:
+            Apply a Haar-random group element of the canonicalizer's group to each sample,
+            giving samples of the invariant distribution. Without it, samples come in the
+            canonical pose. Translations (non-compact) are represented by centring and are
+            left as they are.
+        progress:
+            Show a progress bar over steps.
+
+        Returns
+        -------
+        Samples in the data layout: a tensor ``[B, ...]`` or a point-cloud ``Batch`` with
+        ``pos`` and continuous features ``x``.
+        """
+        if device is None:
+            p = next(iter(self.parameters()), None)
+            device = p.device if p is not None else torch.device("cpu")
+        sampler = sampler if sampler is not None else AncestralSampler()
+        space, template = self._sampling_template(num_samples, shape, num_nodes, dtype, device)
+        b = space.num_samples(template)
+        x_like = space.state(template)
+        z = space.noise(x_like, template, generator)
+        steps = sampler.steps(self.timesteps)
+        iterator = zip(steps[:-1], steps[1:])
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(steps), desc="sampling", unit="step")
+        for t_int, s_int in iterator:
+            t_vec = torch.full((b,), t_int, dtype=torch.long, device=device)
+            s_vec = torch.full((b,), s_int, dtype=torch.long, device=device)
+            eps_hat = self._predict(space, z, template, t_vec)
+            g_t = space.expand(self._gamma(t_vec, dtype), z, template)
+            g_s = space.expand(self._gamma(s_vec, dtype), z, template)
+            noise = space.noise(z, template, generator) if sampler.stochastic else z
+            z = tuple(
+                sampler.step(zi, ei, gt, gs, ni if sampler.stochastic else None)
+                for zi, ei, gt, gs, ni in zip(z, eps_hat, g_t, g_s, noise)
+            )
+            z = space.project(z, template)
+            if bar is not None:
+                bar.update(1)
+        # final step: x ~ p(x | z_0)
+        steps_0 = torch.zeros(b, dtype=torch.long, device=device)
+        g_0 = self._gamma(steps_0, dtype)
+        eps_hat = self._predict(space, z, template, steps_0)
+        a0 = space.expand(self.schedule.alpha(g_0), z, template)
+        s0 = space.expand(self.schedule.sigma(g_0), z, template)
+        x = tuple((zi - si * ei) / ai for zi, ei, ai, si in zip(z, eps_hat, a0, s0))
+        if sampler.final_noise:
+            noise = space.noise(z, template, generator)
+            x = tuple(xi + (si / ai) * ni for xi, ni, ai, si in zip(x, noise, a0, s0))
+        x = space.project(x, template)
+        if bar is not None:
+            bar.update(1)
+            bar.close()
+        out = space.to_data(x, template)
+        if randomize_pose:
+            group = self.canonicalizer.group
+            if not isinstance(group, (Trivial, Translations)):
+                g = group.random(b, generator=generator, dtype=dtype, device=device)
+                out = group.act(g, out)
+        return out
+
+    def _sampling_template(self, num_samples, shape, num_nodes, dtype, device):
+        if num_nodes is not None:
+            space = self.space if isinstance(self.space, PointCloudSpace) else None
+            if space is None:
+                raise ValueError(
+                    "sampling point clouds needs CanonicalizedDiffusion(space="
+                    "PointCloudSpace(num_features=F))"
+                )
+            return space, space.template(num_nodes, dtype=dtype, device=device)
+        if shape is None:
+            raise ValueError("give `shape` (tensors) or `num_nodes` (point clouds) to sample")
+        space = self.space if self.space is not None else TensorSpace()
+        if not isinstance(space, TensorSpace):
+            raise ValueError("`shape` is for tensor data; point clouds need `num_nodes`")
+        full = (int(num_samples),) + tuple(shape) if num_samples is not None else tuple(shape)
+        if len(full) < 2 or math.prod(full) == 0:
+            raise ValueError(f"cannot sample an empty or unbatched shape {full}")
+        return space, space.template(full, dtype=dtype, device=device)

@@ -1,0 +1,314 @@
+"""How noise, norms and dimension counts work for each kind of data.
+
+A *space* turns user data into a *state*: a tuple of float tensors holding the continuous
+variables the diffusion acts on, and back. It also knows how to draw noise in the right
+subspace, how to sum over the entries of one sample, and how many dimensions one sample
+has (which enters the likelihood).
+
+- :class:`TensorSpace`: plain tensors ``[B, ...]``; the state is ``(x,)``.
+- :class:`PointCloudSpace`: ``torch_geometric`` batches with ``pos [N, 3]`` and optional
+  node features ``x [N, F]``; the state is ``(pos, h)``. Positions live in the zero centre
+  of mass subspace of each graph (dimension ``(n - 1) * 3``), features are unconstrained.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from canonwrap.groups._data import graph_index, is_point_cloud, replace
+from canonwrap.utils import check_finite, remove_mean, segment_sum
+
+State = tuple[Tensor, ...]
+
+__all__ = ["Space", "TensorSpace", "PointCloudSpace", "State", "space_for"]
+
+
+class Space(ABC):
+    """Interface shared by all data spaces (see the module docstring)."""
+
+    @abstractmethod
+    def state(self, data: Any) -> State:
+        """Validate ``data`` and return its continuous state (projected to the subspace)."""
+
+    @abstractmethod
+    def to_data(self, state: State, template: Any) -> Any:
+        """Data in the user's layout holding ``state`` (``template`` gives the structure)."""
+
+    @abstractmethod
+    def num_samples(self, template: Any) -> int:
+        """Number of samples ``B`` in a batch."""
+
+    @abstractmethod
+    def expand(self, per_sample: Tensor, state: State, template: Any) -> State:
+        """Broadcast per-sample scalars ``[B]`` to each component of ``state``."""
+
+    @abstractmethod
+    def project(self, state: State, template: Any) -> State:
+        """Project a state (or a noise) onto the subspace the data lives in."""
+
+    @abstractmethod
+    def sum_per_sample(self, state: State, template: Any) -> Tensor:
+        """Sum of all entries of each sample, ``[B]``."""
+
+    @abstractmethod
+    def dims(self, template: Any) -> Tensor:
+        """Dimension of each sample's subspace, float64 ``[B]`` (used in the likelihood)."""
+
+    @abstractmethod
+    def loss_dims(self, template: Any) -> Tensor:
+        """Number of entries averaged over in the training loss, ``[B]``."""
+
+    @abstractmethod
+    def parse_output(self, output: Any, state: State, template: Any) -> State:
+        """Check a denoiser's output against ``state`` and return it as a state."""
+
+    def noise(self, state: State, template: Any, generator: torch.Generator | None) -> State:
+        """Standard Gaussian noise in the data's subspace, shaped like ``state``."""
+        raw = tuple(
+            torch.randn(s.shape, generator=generator, dtype=s.dtype, device=s.device)
+            if generator is None or generator.device == s.device
+            else torch.randn(s.shape, generator=generator, dtype=s.dtype).to(s.device)
+            for s in state
+        )
+        return self.project(raw, template)
+
+    def reconstruction_nll(
+        self, state: State, eps: State, eps_hat: State, gamma0: Tensor, template: Any
+    ) -> Tensor:
+        """``-log p(x | z_0)`` per sample for a Gaussian decoder, ``[B]`` nats.
+
+        ``p(x | z_0) = N(x; (z_0 - sigma_0 eps_hat) / alpha_0, (sigma_0 / alpha_0)^2)`` on the
+        data subspace, which reduces to ``0.5 ||eps - eps_hat||^2 + d (log(sigma_0/alpha_0) +
+        0.5 log 2 pi)``, ``d`` the subspace dimension. ``gamma0`` is ``[B]``.
+        Spaces with discrete parts (molecules) override this.
+        """
+        sq = self.sum_per_sample(tuple((a - b) ** 2 for a, b in zip(eps, eps_hat)), template)
+        d = self.dims(template).to(sq)
+        log_sigma = 0.5 * gamma0.to(sq)  # log(sigma_0 / alpha_0)
+        return 0.5 * sq + d * (log_sigma + 0.5 * math.log(2 * math.pi))
+
+
+def _check_tensor(name: str, value: Any) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not torch.is_floating_point(value):
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    check_finite(name, value)
+    return value
+
+
+class TensorSpace(Space):
+    """Plain tensors ``[B, ...]`` (images, vectors); every entry is a dimension."""
+
+    def state(self, data: Any) -> State:
+        x = _check_tensor("data", data)
+        if x.dim() < 2:
+            raise ValueError(f"data must be batched, [B, ...] with at least 2 dims; got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("empty batch: data has batch size 0")
+        return (x,)
+
+    def to_data(self, state, template):
+        return state[0]
+
+    def num_samples(self, template):
+        return int(template.shape[0])
+
+    def expand(self, per_sample, state, template):
+        x = state[0]
+        return (per_sample.to(x.dtype).view((-1,) + (1,) * (x.dim() - 1)),)
+
+    def project(self, state, template):
+        return state
+
+    def sum_per_sample(self, state, template):
+        return state[0].flatten(1).sum(1)
+
+    def dims(self, template):
+        n = math.prod(template.shape[1:])
+        return torch.full((template.shape[0],), float(n), dtype=torch.float64)
+
+    def loss_dims(self, template):
+        return self.dims(template)
+
+    def parse_output(self, output, state, template):
+        if isinstance(output, (tuple, list)) and len(output) == 1:
+            output = output[0]
+        if not isinstance(output, Tensor):
+            raise TypeError(f"denoiser must return a tensor, got {type(output).__name__}")
+        if output.shape != state[0].shape:
+            raise ValueError(
+                f"denoiser output shape {tuple(output.shape)} does not match the data shape "
+                f"{tuple(state[0].shape)}"
+            )
+        return (output,)
+
+    def template(self, shape: Sequence[int], dtype=torch.float32, device=None) -> Tensor:
+        """An empty batch of the given shape, for sampling."""
+        return torch.zeros(tuple(shape), dtype=dtype, device=device)
+
+
+class PointCloudSpace(Space):
+    """Point clouds: zero centre-of-mass positions ``pos [N, 3]`` and features ``x [N, F]``.
+
+    Parameters
+    ----------
+    num_features:
+        ``F``, the number of continuous node features diffused with the positions
+        (0 for bare point clouds). Only needed to draw samples from scratch; for data it is
+        read off ``x``.
+    feature_key:
+        Attribute holding the node features.
+    """
+
+    def __init__(self, num_features: int | None = None, feature_key: str = "x") -> None:
+        self.num_features = num_features
+        self.feature_key = feature_key
+
+    def _features(self, data: Any) -> Tensor | None:
+        return getattr(data, self.feature_key, None)
+
+    def state(self, data: Any) -> State:
+        if not is_point_cloud(data):
+            raise TypeError(
+                "PointCloudSpace expects a torch_geometric Data/Batch with `pos`; got "
+                f"{type(data).__name__}"
+            )
+        pos = _check_tensor("pos", data.pos)
+        if pos.dim() != 2 or pos.shape[1] != 3:
+            raise ValueError(f"pos must be [N, 3]; got {tuple(pos.shape)}")
+        if pos.shape[0] == 0:
+            raise ValueError("empty batch: the point cloud has no nodes")
+        batch = graph_index(data)
+        if batch.shape != (pos.shape[0],):
+            raise ValueError(f"batch must be [N={pos.shape[0]}]; got {tuple(batch.shape)}")
+        h = self._features(data)
+        if h is None:
+            h = pos.new_zeros(pos.shape[0], 0)
+        else:
+            h = _check_tensor(self.feature_key, h)
+            if h.dim() != 2 or h.shape[0] != pos.shape[0]:
+                raise ValueError(
+                    f"{self.feature_key} must be [N={pos.shape[0]}, F]; got {tuple(h.shape)}"
+                )
+            if h.dtype != pos.dtype or h.device != pos.device:
+                raise ValueError(
+                    f"{self.feature_key} ({h.dtype}, {h.device}) and pos ({pos.dtype}, "
+                    f"{pos.device}) must share dtype and device"
+                )
+            if self.num_features is not None and h.shape[1] != self.num_features:
+                raise ValueError(
+                    f"expected {self.num_features} node features, got {h.shape[1]}"
+                )
+        pos = remove_mean(pos, batch, self.num_samples(data))
+        return (pos, h)
+
+    def to_data(self, state, template):
+        fields = {"pos": state[0]}
+        if state[1].shape[1] > 0 or self._features(template) is not None:
+            fields[self.feature_key] = state[1]
+        return replace(template, **fields)
+
+    def num_samples(self, template):
+        ng = getattr(template, "num_graphs", None)
+        if ng is not None and getattr(template, "batch", None) is not None:
+            return int(ng)
+        batch = graph_index(template)
+        return int(batch.max().item()) + 1 if batch.numel() else 0
+
+    def expand(self, per_sample, state, template):
+        per_node = per_sample.to(state[0].dtype)[graph_index(template)].unsqueeze(-1)
+        return tuple(per_node for _ in state)
+
+    def project(self, state, template):
+        batch = graph_index(template)
+        return (remove_mean(state[0], batch, self.num_samples(template)),) + tuple(state[1:])
+
+    def sum_per_sample(self, state, template):
+        per_node = sum(s.sum(-1) for s in state)
+        return segment_sum(per_node, graph_index(template), self.num_samples(template))
+
+    def _counts(self, template) -> Tensor:
+        return torch.bincount(graph_index(template), minlength=self.num_samples(template))
+
+    def _num_features_of(self, template) -> int:
+        h = self._features(template)
+        return int(h.shape[1]) if h is not None else 0
+
+    def dims(self, template):
+        n = self._counts(template).double()
+        return (n - 1) * 3 + n * self._num_features_of(template)
+
+    def loss_dims(self, template):
+        n = self._counts(template).double()
+        return n * (3 + self._num_features_of(template))
+
+    def parse_output(self, output, state, template):
+        pos, h = state
+        f = h.shape[1]
+        if isinstance(output, (tuple, list)):
+            if len(output) != 2:
+                raise ValueError(
+                    f"denoiser returned {len(output)} tensors; expected (eps_pos, eps_x)"
+                )
+            eps_pos, eps_h = output
+            if eps_h is None:
+                eps_h = h.new_zeros(h.shape)
+        elif isinstance(output, Tensor):
+            if output.shape != (pos.shape[0], 3 + f):
+                raise ValueError(
+                    f"denoiser output shape {tuple(output.shape)} does not match the expected "
+                    f"[N={pos.shape[0]}, 3 + F={3 + f}] (position noise first, then features)"
+                )
+            eps_pos, eps_h = output[:, :3], output[:, 3:]
+        else:
+            raise TypeError(
+                f"denoiser must return a tensor or a pair, got {type(output).__name__}"
+            )
+        if eps_pos.shape != pos.shape or eps_h.shape != h.shape:
+            raise ValueError(
+                f"denoiser output shapes {tuple(eps_pos.shape)}, {tuple(eps_h.shape)} do not "
+                f"match pos {tuple(pos.shape)} and features {tuple(h.shape)}"
+            )
+        return self.project((eps_pos, eps_h), template)
+
+    def template(
+        self,
+        num_nodes: Sequence[int] | Tensor,
+        dtype: torch.dtype = torch.float32,
+        device: Any = None,
+    ) -> Any:
+        """An all-zero batch with ``num_nodes[b]`` nodes in graph ``b``, for sampling."""
+        from torch_geometric.data import Batch
+
+        counts = torch.as_tensor(num_nodes, dtype=torch.long).flatten()
+        if counts.numel() == 0:
+            raise ValueError("num_nodes is empty: nothing to sample")
+        if (counts < 1).any():
+            raise ValueError(f"every sample needs at least one node; got {counts.tolist()}")
+        if self.num_features is None:
+            raise ValueError("PointCloudSpace(num_features=...) must be set to sample from scratch")
+        batch = torch.repeat_interleave(torch.arange(counts.numel()), counts).to(device)
+        n = int(counts.sum())
+        ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(device)
+        fields = {
+            "pos": torch.zeros(n, 3, dtype=dtype, device=device),
+            "batch": batch,
+            "ptr": ptr,
+        }
+        if self.num_features > 0:
+            fields[self.feature_key] = torch.zeros(n, self.num_features, dtype=dtype, device=device)
+        out = Batch(**fields)
+        out._num_graphs = counts.numel()
+        return out
+
+
+def space_for(data: Any) -> Space:
+    """The default space of a data object: point clouds or plain tensors."""
+    return PointCloudSpace() if is_point_cloud(data) else TensorSpace()
