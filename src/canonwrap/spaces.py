@@ -109,7 +109,7 @@ class TensorSpace(Space):
     def state(self, data: Any) -> State:
         x = _check_tensor("data", data)
         if x.dim() < 2:
-            raise ValueError(f"data must be batched, [B, ...] with at least 2 dims; got {tuple(x.shape)}")
+            raise ValueError(f"data must be batched as [B, ...]; got shape {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError("empty batch: data has batch size 0")
         return (x,)

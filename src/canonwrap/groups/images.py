@@ -44,7 +44,9 @@ def rotate_images(images: Tensor, angles: Tensor) -> Tensor:
         theta[:, 1, 0], theta[:, 1, 1] = sin, cos
         sub = images[sel]
         grid = F.affine_grid(theta, list(sub.shape), align_corners=True)
-        out[sel] = F.grid_sample(sub, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        out[sel] = F.grid_sample(
+            sub, grid, mode="bilinear", padding_mode="zeros", align_corners=True
+        )
     return out
 
 
