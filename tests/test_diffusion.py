@@ -49,7 +49,7 @@ def test_nll_matches_closed_form_bound_for_optimal_denoiser(gen):
     want = expected_bound(sched, VAR)
     # Monte Carlo error of the mean over 4000 samples is about 0.02 nats
     assert abs(out.nll.mean().item() - want) < 0.08
-    assert torch.allclose(out.nll, out.kl_prior + out.diffusion + out.reconstruction)
+    assert torch.allclose(out.nll, out.kl_prior + out.diffusion + out.reconstruction + out.size)
     assert torch.all(out.dims == 3)
 
 

@@ -16,7 +16,13 @@ from canonwrap.canonicalizers import (
 from canonwrap.diffusion import CanonicalizedDiffusion, LossOutput, NLLOutput
 from canonwrap.samplers import AncestralSampler, DDIMSampler, Sampler
 from canonwrap.schedules import CosineSchedule, NoiseSchedule, PolynomialSchedule
-from canonwrap.spaces import PointCloudSpace, Space, TensorSpace
+from canonwrap.spaces import (
+    MoleculeSpace,
+    NodeCountDistribution,
+    PointCloudSpace,
+    Space,
+    TensorSpace,
+)
 
 __all__ = [
     "__version__",
@@ -38,4 +44,6 @@ __all__ = [
     "Space",
     "TensorSpace",
     "PointCloudSpace",
+    "MoleculeSpace",
+    "NodeCountDistribution",
 ]

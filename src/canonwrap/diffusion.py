@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from canonwrap.canonicalizers.base import CanonOutput, Canonicalizer
+from canonwrap.canonicalizers.base import Canonicalizer, CanonOutput
 from canonwrap.canonicalizers.basic import Identity
 from canonwrap.groups._data import is_point_cloud
 from canonwrap.groups.base import Trivial
@@ -58,7 +58,8 @@ class LossOutput:
 class NLLOutput:
     """Variational bound on ``-log p(x)`` per sample, in nats (``[B]`` each).
 
-    ``nll = kl_prior + diffusion + reconstruction``. For canonicalized models all terms
+    ``nll = kl_prior + diffusion + reconstruction + size`` (``size``: ``-log p(N)`` for
+    molecules, zero for data of fixed size). For canonicalized models all terms
     are computed on the canonical pose (see :meth:`CanonicalizedDiffusion.nll`).
     """
 
@@ -66,6 +67,7 @@ class NLLOutput:
     kl_prior: Tensor
     diffusion: Tensor
     reconstruction: Tensor
+    size: Tensor
     dims: Tensor
 
 
@@ -270,9 +272,10 @@ class CanonicalizedDiffusion(nn.Module):
             )
             eps_hat = self._predict(space, z0, template, steps_0)
             recon = space.reconstruction_nll(x, eps, eps_hat, g_0, template)
+            size = space.size_nll(template).to(device=device, dtype=dtype)
         return NLLOutput(
-            nll=kl_prior + diffusion + recon, kl_prior=kl_prior, diffusion=diffusion,
-            reconstruction=recon, dims=dims,
+            nll=kl_prior + diffusion + recon + size, kl_prior=kl_prior, diffusion=diffusion,
+            reconstruction=recon, size=size, dims=dims,
         )
 
     @torch.no_grad()

@@ -26,7 +26,15 @@ from canonwrap.utils import check_finite, remove_mean, segment_sum
 
 State = tuple[Tensor, ...]
 
-__all__ = ["Space", "TensorSpace", "PointCloudSpace", "State", "space_for"]
+__all__ = [
+    "Space",
+    "TensorSpace",
+    "PointCloudSpace",
+    "MoleculeSpace",
+    "NodeCountDistribution",
+    "State",
+    "space_for",
+]
 
 
 class Space(ABC):
@@ -92,6 +100,10 @@ class Space(ABC):
         d = self.dims(template).to(sq)
         log_sigma = 0.5 * gamma0.to(sq)  # log(sigma_0 / alpha_0)
         return 0.5 * sq + d * (log_sigma + 0.5 * math.log(2 * math.pi))
+
+    def size_nll(self, template: Any) -> Tensor:
+        """``-log p(size)`` per sample (molecules: number of atoms); zero by default."""
+        return torch.zeros(self.num_samples(template), dtype=torch.float64)
 
 
 def _check_tensor(name: str, value: Any) -> Tensor:
@@ -312,3 +324,128 @@ class PointCloudSpace(Space):
 def space_for(data: Any) -> Space:
     """The default space of a data object: point clouds or plain tensors."""
     return PointCloudSpace() if is_point_cloud(data) else TensorSpace()
+
+
+class NodeCountDistribution:
+    """Categorical distribution of the number of nodes, from a histogram ``{n: count}``.
+
+    Used to draw molecule sizes for sampling and for the ``-log p(N)`` term of the NLL.
+    """
+
+    def __init__(self, histogram: dict[int, int]) -> None:
+        if not histogram:
+            raise ValueError("the node-count histogram is empty")
+        sizes = sorted(int(k) for k in histogram)
+        if sizes[0] < 1:
+            raise ValueError("node counts must be >= 1")
+        counts = torch.tensor([float(histogram[k]) for k in sizes], dtype=torch.float64)
+        if (counts < 0).any() or counts.sum() <= 0:
+            raise ValueError("histogram counts must be non-negative with a positive total")
+        self.sizes = torch.tensor(sizes, dtype=torch.long)
+        self.probs = counts / counts.sum()
+        self._log_table = torch.full((sizes[-1] + 1,), -math.inf, dtype=torch.float64)
+        self._log_table[self.sizes] = torch.log(self.probs)
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``num_samples`` node counts, ``[num_samples]`` long."""
+        idx = torch.multinomial(self.probs, num_samples, replacement=True, generator=generator)
+        return self.sizes[idx]
+
+    def log_prob(self, n: Tensor) -> Tensor:
+        """``log p(N = n)`` (``-inf`` outside the support), float64 like ``n``'s shape."""
+        n = torch.as_tensor(n, dtype=torch.long)
+        out = torch.full(n.shape, -math.inf, dtype=torch.float64)
+        ok = (n >= 0) & (n < self._log_table.numel())
+        out[ok] = self._log_table[n[ok].cpu()]
+        return out.to(n.device)
+
+
+def _log_gaussian_bin(centre: Tensor, sigma: Tensor) -> Tensor:
+    """``log P(|c + sigma Z| < 0.5)``-type bin mass: ``log(Phi((c+.5)/s) - Phi((c-.5)/s))``."""
+    upper = torch.special.ndtr((centre + 0.5) / sigma)
+    lower = torch.special.ndtr((centre - 0.5) / sigma)
+    return torch.log(upper - lower + 1e-10)
+
+
+class MoleculeSpace(PointCloudSpace):
+    """Molecules as in EDM: positions, one-hot atom types and integer charges.
+
+    Node features ``x = [one_hot / onehot_scale, charge / charge_scale]`` (QM9:
+    ``onehot_scale=4``, ``charge_scale=10``) are diffused as continuous variables. At
+    ``t = 0`` the decoder is EDM's discretized likelihood: each one-hot entry gets the
+    Gaussian mass of the unit bin around 1 (normalized over types), the charge the mass of
+    the unit bin around its integer value, both with standard deviation
+    ``sigma_0 * scale``; positions keep the Gaussian decoder. ``-log p(N)`` comes from
+    ``node_counts``.
+
+    Parameters
+    ----------
+    atom_types:
+        Atomic numbers of the one-hot columns, e.g. ``(1, 6, 7, 8, 9)``.
+    include_charges:
+        Whether the last feature column is the scaled charge.
+    node_counts:
+        Distribution of molecule sizes (for sampling sizes and for ``-log p(N)``).
+    """
+
+    def __init__(
+        self,
+        atom_types: Sequence[int] = (1, 6, 7, 8, 9),
+        include_charges: bool = True,
+        onehot_scale: float = 4.0,
+        charge_scale: float = 10.0,
+        node_counts: NodeCountDistribution | None = None,
+    ) -> None:
+        self.atom_types = tuple(int(a) for a in atom_types)
+        self.include_charges = bool(include_charges)
+        self.onehot_scale = float(onehot_scale)
+        self.charge_scale = float(charge_scale)
+        self.node_counts = node_counts
+        super().__init__(num_features=len(self.atom_types) + int(self.include_charges))
+
+    def reconstruction_nll(self, state, eps, eps_hat, gamma0, template):
+        pos, h = state
+        k = len(self.atom_types)
+        batch = graph_index(template)
+        b = self.num_samples(template)
+        g0 = gamma0.to(pos.dtype)
+        sigma0 = torch.sqrt(torch.sigmoid(g0))
+        alpha0 = torch.sqrt(torch.sigmoid(-g0))
+        # positions: Gaussian decoder on the zero centre-of-mass subspace
+        sq = segment_sum(((eps[0] - eps_hat[0]) ** 2).sum(-1), batch, b)
+        n = self._counts(template).to(pos.dtype)
+        dof = (n - 1) * 3
+        nll_x = 0.5 * sq + dof * (0.5 * g0 + 0.5 * math.log(2 * math.pi))
+        # features: z_0 itself (as EDM) rescaled to the data's units
+        z_h = alpha0[batch, None] * h + sigma0[batch, None] * eps[1]
+        onehot = (h[:, :k] * self.onehot_scale).round()
+        est_cat = z_h[:, :k] * self.onehot_scale
+        s_cat = (sigma0 * self.onehot_scale)[batch, None]
+        log_cat = _log_gaussian_bin(est_cat - 1.0, s_cat)
+        log_cat = log_cat - torch.logsumexp(log_cat, dim=-1, keepdim=True)
+        log_p_h = (log_cat * onehot).sum(-1)
+        if self.include_charges:
+            charge = h[:, k] * self.charge_scale
+            est_charge = z_h[:, k] * self.charge_scale
+            s_int = sigma0[batch] * self.charge_scale
+            log_p_h = log_p_h + _log_gaussian_bin(charge.round() - est_charge, s_int)
+        nll_h = -segment_sum(log_p_h, batch, b)
+        return nll_x + nll_h
+
+    def size_nll(self, template: Any) -> Tensor:
+        if self.node_counts is None:
+            return super().size_nll(template)
+        counts = self._counts(template).cpu()
+        return -self.node_counts.log_prob(counts).to(graph_index(template).device)
+
+    def decode(self, data: Any) -> list[tuple[Tensor, Tensor]]:
+        """Molecules ``(z [n], pos [n, 3])`` from a sampled batch: atom type = argmax one-hot."""
+        k = len(self.atom_types)
+        types = torch.tensor(self.atom_types, device=data.pos.device)
+        z_all = types[data[self.feature_key][:, :k].argmax(-1)]
+        batch = graph_index(data)
+        out = []
+        for i in range(self.num_samples(data)):
+            sel = batch == i
+            out.append((z_all[sel].cpu(), data.pos[sel].detach().cpu()))
+        return out
