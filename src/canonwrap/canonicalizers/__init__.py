@@ -1,7 +1,9 @@
 """Canonicalizers: maps to a canonical pose with an equivariant group element."""
 
-from canonwrap.canonicalizers.base import CanonOutput, Canonicalizer, Frozen, frozen
+from canonwrap.canonicalizers.base import Canonicalizer, CanonOutput, Frozen, frozen
 from canonwrap.canonicalizers.basic import CenterOfMass, Identity, PCACanonicalizer, centre
+from canonwrap.canonicalizers.discrete_rotation import DiscreteRotationCanonicalizer
+from canonwrap.canonicalizers.egnn import EGNNCanonicalizer
 
 __all__ = [
     "CanonOutput",
@@ -12,4 +14,6 @@ __all__ = [
     "CenterOfMass",
     "PCACanonicalizer",
     "centre",
+    "EGNNCanonicalizer",
+    "DiscreteRotationCanonicalizer",
 ]

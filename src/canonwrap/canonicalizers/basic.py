@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from canonwrap.canonicalizers.base import CanonOutput, Canonicalizer
+from canonwrap.canonicalizers.base import Canonicalizer, CanonOutput
 from canonwrap.groups._data import graph_index, is_point_cloud, replace
 from canonwrap.groups.base import Group, Trivial
 from canonwrap.groups.rotations import SO3
