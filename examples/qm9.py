@@ -14,6 +14,10 @@ Subcommands::
     python examples/qm9.py evaluate --out runs/canon-gdm
     python examples/qm9.py all      --model canon-gdm --out runs/canon-gdm --quick
 
+``train`` also runs data-parallel on several CPU processes when started by ``torchrun``
+(``torchrun --nproc_per_node 4 examples/qm9.py train ...``; gloo backend, ``--batch-size``
+per process, rank 0 writes all outputs).
+
 ``train`` writes ``config.json``, checkpoints (exact resume with ``--resume``) and
 ``log.jsonl`` into ``--out``; ``sample`` writes ``samples.xyz``, ``samples.sdf`` and
 ``samples.pt``; ``evaluate`` writes ``metrics.json`` (molecule metrics, test NLL, held-out
@@ -32,12 +36,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from canonwrap import (
     AncestralSampler,
     CanonicalizedDiffusion,
     CenterOfMass,
     DDIMSampler,
+    DPMSolverSampler,
     MoleculeSpace,
     NodeCountDistribution,
     PolynomialSchedule,
@@ -46,7 +53,7 @@ from canonwrap import (
 from canonwrap.canonicalizers import EGNNCanonicalizer
 from canonwrap.data import QM9
 from canonwrap.nn import EGNNDenoiser, GNNDenoiser
-from canonwrap.training import EMA, Trainer
+from canonwrap.training import EMA, Trainer, distributed_sampler_loader
 
 MODELS = ("gdm", "edm", "canon-gdm", "canon-frozen-gdm")
 
@@ -149,6 +156,23 @@ def heldout_nll(model: CanonicalizedDiffusion, loader, seed: int = 0) -> dict[st
 
 
 # ------------------------------------------------------------------------- commands
+def init_distributed() -> bool:
+    """Join the process group when started by ``torchrun`` (it sets ``LOCAL_RANK``).
+
+    Training here runs on the CPU, so the ranks talk over gloo.
+    """
+    if "LOCAL_RANK" not in os.environ:
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return True
+
+
+def _forward_loss(model: torch.nn.Module, batch) -> Any:
+    """Loss through ``model(batch)``, so that DDP averages the gradients."""
+    return model(batch)
+
+
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     preset = "quick" if args.quick else args.preset
     cfg = dict(PRESETS[preset])
@@ -161,6 +185,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    distributed = init_distributed()
+    rank = dist.get_rank() if distributed else 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
@@ -171,7 +197,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                 cfg[key] = getattr(args, key)
     else:
         cfg = resolve_config(args)
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"] + rank)  # own noise per rank; DDP copies rank 0's weights
     train = load_split("train", cfg, cfg["train_size"])
     valid = load_split("valid", cfg, cfg["val_size"])
     node_counts = node_counts_of(QM9("train", remove_h=cfg["remove_h"], progress=False))
@@ -180,21 +206,35 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         "denoiser": sum(p.numel() for p in model.denoiser.parameters()),
         "canonicalizer": sum(p.numel() for p in model.canonicalizer.parameters()),
     }
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    print(f"[train] {cfg['model']}: {cfg['parameters']} parameters, {len(train)} training "
-          f"molecules, preset {cfg['preset']}", flush=True)
+    if distributed:
+        dist.barrier()  # every rank has read config.json before rank 0 rewrites it
+    if rank == 0:
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        print(f"[train] {cfg['model']}: {cfg['parameters']} parameters, {len(train)} training "
+              f"molecules, preset {cfg['preset']}", flush=True)
 
     val_loader = _loader(valid, 64, shuffle=False)
     optimizer = make_optimizer(model, cfg)
     ema = EMA(model, decay=cfg["ema_decay"], start_step=cfg["ema_start"])
 
     def eval_fn(m):
-        return {"val_loss": heldout_loss(m, val_loader)}
+        return {"val_loss": heldout_loss(getattr(m, "module", m), val_loader)}  # unwrap DDP
 
+    if distributed:
+        from torch_geometric.loader import DataLoader
+
+        train_loader = distributed_sampler_loader(
+            train, cfg["batch_size"], seed=cfg["seed"], loader_cls=DataLoader
+        )
+        trained, loss_fn = DistributedDataParallel(model), _forward_loss
+    else:
+        train_loader = _loader(train, cfg["batch_size"], shuffle=True, seed=cfg["seed"])
+        trained, loss_fn = model, None
     trainer = Trainer(
-        model,
+        trained,
         optimizer,
-        _loader(train, cfg["batch_size"], shuffle=True, seed=cfg["seed"]),
+        train_loader,
+        loss_fn=loss_fn,
         ema=ema,
         grad_clip="adaptive",
         checkpoint_dir=out / "checkpoints",
@@ -211,7 +251,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.resume:
         trainer.resume(out / "checkpoints")
-    else:
+    elif rank == 0:
         model.eval()
         initial = heldout_loss(model, val_loader)
         (out / "initial.json").write_text(json.dumps({"val_loss": initial}))
@@ -220,8 +260,12 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     model.eval()
     final = eval_fn(model) if cfg["weights"] == "raw" else trainer.evaluate()
     result = {"steps": state.step, "elapsed_s": state.elapsed, **(final or {})}
-    (out / "train_result.json").write_text(json.dumps(result, indent=2))
-    print(f"[train] done: {result}", flush=True)
+    if distributed:
+        result["world_size"] = dist.get_world_size()
+        dist.destroy_process_group()
+    if rank == 0:
+        (out / "train_result.json").write_text(json.dumps(result, indent=2))
+        print(f"[train] done: {result}", flush=True)
     return result
 
 
@@ -251,6 +295,8 @@ def make_sampler(name: str, steps: int | None):
         return AncestralSampler(steps)
     if name == "ddim":
         return DDIMSampler(steps or 50)
+    if name == "dpm":
+        return DPMSolverSampler(steps or 20)
     raise ValueError(f"unknown sampler {name!r}")
 
 
@@ -354,7 +400,7 @@ def parser() -> argparse.ArgumentParser:
     def sample_args(sp):
         sp.add_argument("--num-samples", type=int, default=None)
         sp.add_argument("--sample-batch", type=int, default=None)
-        sp.add_argument("--sampler", choices=["ancestral", "ddim"], default="ancestral")
+        sp.add_argument("--sampler", choices=["ancestral", "ddim", "dpm"], default="ancestral")
         sp.add_argument("--steps", type=int, default=None, help="sampling steps (default T)")
 
     def eval_args(sp):
@@ -379,6 +425,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
+    if "LOCAL_RANK" in os.environ and args.command != "train":
+        raise SystemExit("under torchrun only `train` runs (sample and evaluate on one process)")
     if args.threads:
         torch.set_num_threads(args.threads)
     commands = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate,

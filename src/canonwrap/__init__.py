@@ -14,7 +14,7 @@ from canonwrap.canonicalizers import (
     frozen,
 )
 from canonwrap.diffusion import CanonicalizedDiffusion, LossOutput, NLLOutput
-from canonwrap.samplers import AncestralSampler, DDIMSampler, Sampler
+from canonwrap.samplers import AncestralSampler, DDIMSampler, DPMSolverSampler, Sampler
 from canonwrap.schedules import CosineSchedule, NoiseSchedule, PolynomialSchedule
 from canonwrap.spaces import (
     MoleculeSpace,
@@ -41,6 +41,7 @@ __all__ = [
     "Sampler",
     "AncestralSampler",
     "DDIMSampler",
+    "DPMSolverSampler",
     "Space",
     "TensorSpace",
     "PointCloudSpace",

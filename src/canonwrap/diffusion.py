@@ -196,6 +196,16 @@ class CanonicalizedDiffusion(nn.Module):
             prior=canon.prior_loss, terms=terms,
         )
 
+    def forward(self, data: Any, generator: torch.Generator | None = None) -> LossOutput:
+        """The training loss: the same as :meth:`training_loss`.
+
+        Calling the module computes its loss so that wrappers which act on ``forward``
+        see the computation: ``DistributedDataParallel`` synchronises gradients only for
+        losses computed through ``ddp(batch)``, e.g.
+        ``Trainer(ddp_model, optimizer, loader, loss_fn=lambda m, batch: m(batch))``.
+        """
+        return self.training_loss(data, generator)
+
     def nll(
         self,
         data: Any,
@@ -301,7 +311,9 @@ class CanonicalizedDiffusion(nn.Module):
         num_nodes:
             For point clouds: number of nodes of each sample (sequence or tensor ``[B]``).
         sampler:
-            Default :class:`~canonwrap.samplers.AncestralSampler` over all ``T`` steps.
+            Default :class:`~canonwrap.samplers.AncestralSampler` over all ``T`` steps. Each
+            call gives the sampler fresh histories (:meth:`~canonwrap.samplers.Sampler.begin`),
+            so one sampler object can serve any number of calls.
         generator:
             Seeds the prior noise and every stochastic step.
         randomize_pose:
@@ -326,6 +338,8 @@ class CanonicalizedDiffusion(nn.Module):
         x_like = space.state(template)
         z = space.noise(x_like, template, generator)
         steps = sampler.steps(self.timesteps)
+        # per-call sampler history, one per state component (multistep solvers use it)
+        histories = [sampler.begin(steps) for _ in z]
         iterator = zip(steps[:-1], steps[1:])
         bar = None
         if progress:
@@ -340,8 +354,8 @@ class CanonicalizedDiffusion(nn.Module):
             g_s = space.expand(self._gamma(s_vec, dtype), z, template)
             noise = space.noise(z, template, generator) if sampler.stochastic else z
             z = tuple(
-                sampler.step(zi, ei, gt, gs, ni if sampler.stochastic else None)
-                for zi, ei, gt, gs, ni in zip(z, eps_hat, g_t, g_s, noise)
+                sampler.step_with_history(zi, ei, gt, gs, ni if sampler.stochastic else None, hi)
+                for zi, ei, gt, gs, ni, hi in zip(z, eps_hat, g_t, g_s, noise, histories)
             )
             z = space.project(z, template)
             if bar is not None:

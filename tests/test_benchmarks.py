@@ -1,0 +1,91 @@
+"""Smoke tests of the benchmark scripts at a tiny size (quick models, a few steps)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from canonwrap.data import qm9 as qm9mod
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _have_qm9_data() -> bool:
+    try:
+        qm9mod._qm9pack_csv_paths()
+        return True
+    except FileNotFoundError:
+        return qm9mod._cache_file(qm9mod.default_cache_dir(), None).is_file()
+
+
+pytestmark = pytest.mark.skipif(not _have_qm9_data(), reason="QM9 data (qm9pack) not available")
+
+
+def _load(name: str):
+    path = ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"canonwrap_benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = [
+    "--sizes", "quick", "--num-molecules", "2", "--steps", "2", "--train-steps", "1",
+    "--warmup", "0", "--repeats", "1", "--threads", "1",
+]
+
+
+def test_bench_qm9_tiny_in_process(tmp_path, capsys):
+    bench = _load("bench_qm9")
+    report = bench.main([*TINY, "--models", "gdm,edm", "--in-process", "--out", str(tmp_path)])
+    assert report["errors"] == []
+    assert [r["model"] for r in report["results"]] == ["gdm", "edm"]
+    for r in report["results"]:
+        assert r["sample_s_per_molecule"] > 0 and r["train_steps_per_s"] > 0
+        assert r["denoiser_evaluations"] == 3  # steps 1000, 0 and the final t = 0 call
+        assert r["sample_memory"]["peak_mib"] is None  # not attributable in-process on CPU
+    ratios = {r["model"]: r for r in report["ratios_vs_edm"]}
+    assert ratios["edm"]["sample_time"] == 1.0 and ratios["edm"]["train_speed"] == 1.0
+    assert ratios["gdm"]["sample_time"] > 0
+    saved = json.loads((tmp_path / "bench_qm9.json").read_text())
+    assert saved["machine"]["threads"] == 1 and saved["machine"]["cpu"]
+    assert saved["command"].startswith("python benchmarks/bench_qm9.py --sizes quick")
+    markdown = (tmp_path / "bench_qm9.md").read_text()
+    assert "| quick | gdm |" in markdown and "| quick | edm |" in markdown
+    assert "QM9: sampling and training cost" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_qm9_subprocess_measures_memory(tmp_path):
+    bench = _load("bench_qm9")
+    report = bench.main([*TINY, "--models", "gdm", "--phases", "train", "--out", str(tmp_path)])
+    assert report["errors"] == []
+    (row,) = report["results"]
+    assert row["train_memory"]["peak_mib"] is not None
+    assert row["train_memory"]["total_peak_mib"] > 0
+    assert report["ratios_vs_edm"] == []  # no EDM in this run
+
+
+def test_bench_qm9_rejects_unknown_names():
+    bench = _load("bench_qm9")
+    with pytest.raises(SystemExit):
+        bench.main(["--models", "gdm,nope"])
+
+
+def test_profile_sampling_tiny(capsys):
+    prof = _load("profile_sampling")
+    out = prof.main(["--model", "gdm", "--num-molecules", "2", "--steps", "2", "--threads", "1",
+                     "--sampler", "dpm", "--row-limit", "3"])
+    import canonwrap.nn.gnn as gnn
+    from canonwrap.nn.graph import fully_connected_edges
+
+    assert gnn.fully_connected_edges is fully_connected_edges  # instrumentation removed
+    stages = {label.strip(): ms for label, _, ms, _ in out["stages"]}
+    assert stages["denoiser forward"] > 0 and stages["of which edge construction"] > 0
+    assert stages["sampler step"] > 0
+    assert "denoiser forward" in capsys.readouterr().out
