@@ -352,9 +352,11 @@ class CanonicalizedDiffusion(nn.Module):
             eps_hat = self._predict(space, z, template, t_vec)
             g_t = space.expand(self._gamma(t_vec, dtype), z, template)
             g_s = space.expand(self._gamma(s_vec, dtype), z, template)
-            noise = space.noise(z, template, generator) if sampler.stochastic else z
+            noise = (
+                space.noise(z, template, generator) if sampler.stochastic else (None,) * len(z)
+            )
             z = tuple(
-                sampler.step_with_history(zi, ei, gt, gs, ni if sampler.stochastic else None, hi)
+                sampler.step_with_history(zi, ei, gt, gs, ni, hi)
                 for zi, ei, gt, gs, ni, hi in zip(z, eps_hat, g_t, g_s, noise, histories)
             )
             z = space.project(z, template)
