@@ -344,8 +344,9 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if not (out / "samples.xyz").exists():
         raise FileNotFoundError(f"{out / 'samples.xyz'} not found: run `sample` first")
     molecules = read_xyz(out / "samples.xyz")
-    train_smiles = QM9("train", remove_h=cfg["remove_h"], progress=False).smiles()
-    metrics = evaluate(molecules, train_smiles=train_smiles, progress=not args.no_progress)
+    train_smiles = reference_smiles(cfg["remove_h"], progress=not args.no_progress)
+    metrics = evaluate(molecules, train_smiles=train_smiles, canonicalize_train=False,
+                       progress=not args.no_progress)
     test = load_split("test", cfg, args.nll_size or cfg["nll_size"])
     nll = heldout_nll(model, _loader(test, 64, shuffle=False))
     valid = load_split("valid", cfg, cfg["val_size"])
@@ -361,6 +362,31 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2), flush=True)
     return result
+
+
+def reference_smiles(remove_h: bool, progress: bool = True) -> list[str]:
+    """Training SMILES rewritten in the metric's convention (for novelty), cached on disk.
+
+    Rewriting 100,000 SMILES with RDKit takes about a minute, so the result is stored next
+    to the QM9 cache and reused.
+    """
+    from canonwrap.data.qm9 import default_cache_dir
+    from canonwrap.metrics.molecules import canonicalize_smiles
+
+    path = default_cache_dir() / f"train_smiles_metric_v1{'_noh' if remove_h else ''}.txt"
+    if path.exists():
+        return path.read_text().splitlines()
+    raw = QM9("train", remove_h=remove_h, progress=False).smiles()
+    if progress:
+        from tqdm.auto import tqdm
+
+        raw = tqdm(raw, desc="training SMILES for novelty", unit="mol")
+    out = [c for c in (canonicalize_smiles(s) for s in raw) if c is not None]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("\n".join(out))
+    os.replace(tmp, path)
+    return out
 
 
 def cmd_all(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,0 +1,46 @@
+import json
+
+import pytest
+
+TRAIN = ["--quick", "--train-size", "48", "--val-size", "16",
+         "--hidden", "8", "--layers", "1", "--canon-hidden", "8", "--canon-layers", "1",
+         "--timesteps", "20", "--batch-size", "8", "--threads", "1", "--no-progress"]
+TINY = TRAIN + ["--nll-size", "8", "--num-samples", "3"]
+
+
+@pytest.mark.parametrize("model", ["gdm", "edm", "canon-gdm", "canon-frozen-gdm"])
+def test_qm9_all_smoke(example, tmp_path, model):
+    qm9 = example("qm9")
+    out = tmp_path / model
+    result = qm9.main(["all", "--model", model, "--out", str(out), "--max-steps", "3", *TINY])
+    assert result["model"] == model
+    mol = result["molecules"]
+    assert mol["n_molecules"] == 3 and 0 <= mol["validity"] <= 1
+    assert result["test_nll"]["nll"] == result["test_nll"]["nll"]  # not NaN
+    assert result["train_result"]["steps"] == 3
+    for name in ("config.json", "metrics.json", "samples.xyz", "samples.sdf", "samples.pt"):
+        assert (out / name).exists(), name
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["val_loss"] == pytest.approx(result["val_loss"])
+
+
+def test_qm9_resume_and_ddim_sampling_and_figure(example, tmp_path):
+    qm9 = example("qm9")
+    out = tmp_path / "run"
+    qm9.main(["train", "--model", "canon-gdm", "--out", str(out), "--max-steps", "2", *TRAIN])
+    res = qm9.main(["train", "--model", "canon-gdm", "--out", str(out), "--resume",
+                    "--max-steps", "4", "--no-progress"])
+    assert res["steps"] == 4
+    timing = qm9.main(["sample", "--out", str(out), "--num-samples", "2", "--sampler", "ddim",
+                       "--steps", "5", "--no-progress"])
+    assert timing["num_samples"] == 2
+    plot = example("plot_molecules")
+    png = plot.main(["--out", str(out), "--png", str(tmp_path / "fig.png"), "--count", "2"])
+    assert png.exists() and png.stat().st_size > 1000
+
+
+def test_qm9_rejects_missing_checkpoint(example, tmp_path):
+    qm9 = example("qm9")
+    (tmp_path / "config.json").write_text(json.dumps({"remove_h": False, "model": "gdm"}))
+    with pytest.raises((FileNotFoundError, KeyError)):
+        qm9.main(["sample", "--out", str(tmp_path), "--no-progress"])
