@@ -1,4 +1,14 @@
-"""Canonicalizers: maps to a canonical pose with an equivariant group element."""
+"""Canonicalizers: maps to a canonical pose with an equivariant group element.
+
+``EquiAdaptCanonicalizer`` (an adapter for equiadapt's image canonicalizers, documented in
+:mod:`canonwrap.canonicalizers.equiadapt`) is loaded lazily on first attribute access and is
+not in ``__all__``, so importing canonwrap never imports the adapter or equiadapt. Import it
+as ``from canonwrap.canonicalizers.equiadapt import EquiAdaptCanonicalizer``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 from canonwrap.canonicalizers.base import Canonicalizer, CanonOutput, Frozen, frozen
 from canonwrap.canonicalizers.basic import CenterOfMass, Identity, PCACanonicalizer, centre
@@ -17,3 +27,20 @@ __all__ = [
     "EGNNCanonicalizer",
     "DiscreteRotationCanonicalizer",
 ]
+
+_LAZY = {"EquiAdaptCanonicalizer": "canonwrap.canonicalizers.equiadapt"}
+
+
+def __getattr__(name: str) -> Any:
+    """Load optional adapters on first access (PEP 562)."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
