@@ -34,6 +34,19 @@ def test_qm9_resume_and_ddim_sampling_and_figure(example, tmp_path):
     timing = qm9.main(["sample", "--out", str(out), "--num-samples", "2", "--sampler", "ddim",
                        "--steps", "5", "--no-progress"])
     assert timing["num_samples"] == 2
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "steps_vs_quality.py"
+    spec = importlib.util.spec_from_file_location("canonwrap_bench_svq", path)
+    svq = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = svq
+    spec.loader.exec_module(svq)
+    rows = svq.main(["--run", str(out), "--num-molecules", "2", "--settings",
+                     "ancestral:5,dpm:3,ddim:3", "--out", str(tmp_path / "svq"), "--no-progress"])
+    assert [r["steps"] for r in rows] == [5, 3, 3]
+    assert (tmp_path / "svq.md").exists()
     plot = example("plot_molecules")
     png = plot.main(["--out", str(out), "--png", str(tmp_path / "fig.png"), "--count", "2"])
     assert png.exists() and png.stat().st_size > 1000

@@ -1,0 +1,142 @@
+"""Molecule quality versus number of sampling steps, from one trained checkpoint.
+
+Samples the same number of molecules (same molecule sizes, same seed) from a run of
+``examples/qm9.py`` with several samplers and step counts, evaluates each set with the
+molecule metrics and records the sampling time per molecule.
+
+Usage::
+
+    python benchmarks/steps_vs_quality.py --run runs/cpu/canon-gdm --num-molecules 100 \
+        --out docs/results/qm9_steps
+
+Writes ``<out>.md`` and ``<out>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _qm9_example():
+    spec = importlib.util.spec_from_file_location(
+        "canonwrap_example_qm9", ROOT / "examples" / "qm9.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _settings(text: str) -> list[tuple[str, int | None]]:
+    out = []
+    for item in text.split(","):
+        name, _, steps = item.strip().partition(":")
+        out.append((name, int(steps) if steps else None))
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, help="training folder of examples/qm9.py")
+    parser.add_argument("--num-molecules", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument(
+        "--settings",
+        default="ancestral:1000,ancestral:250,dpm:250,dpm:100,dpm:50,dpm:25,ddim:50,ddim:25",
+        help="comma-separated sampler:steps pairs (samplers: ancestral, ddim, dpm)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--weights", choices=["ema", "raw"], default=None)
+    parser.add_argument("--out", required=True, help="output path without extension")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from canonwrap import AncestralSampler, DDIMSampler, DPMSolverSampler
+    from canonwrap.metrics import evaluate
+
+    qm9 = _qm9_example()
+    model, cfg, node_counts = qm9.load_trained(Path(args.run), args.weights)
+    reference = qm9.reference_smiles(cfg["remove_h"], progress=not args.no_progress)
+    sizes = node_counts.sample(
+        args.num_molecules, generator=torch.Generator().manual_seed(args.seed)
+    )
+    make = {"ancestral": AncestralSampler, "ddim": DDIMSampler, "dpm": DPMSolverSampler}
+    rows = []
+    for name, steps in _settings(args.settings):
+        if name not in make:
+            raise ValueError(f"unknown sampler {name!r}; choose from {sorted(make)}")
+        sampler = make[name](steps)
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        molecules = []
+        start = time.perf_counter()
+        for i in range(0, args.num_molecules, args.batch_size):
+            batch = model.sample(
+                num_nodes=sizes[i : i + args.batch_size],
+                sampler=sampler,
+                generator=gen,
+                progress=not args.no_progress,
+            )
+            molecules += model.space.decode(batch)
+        seconds = time.perf_counter() - start
+        metrics = evaluate(molecules, train_smiles=reference, canonicalize_train=False)
+        n = metrics["n_molecules"]
+        row = {
+            "sampler": name,
+            "steps": len(sampler.steps(model.timesteps)) - 1,
+            "s_per_molecule": seconds / n,
+            **metrics,
+            "mol_stability_se": math.sqrt(
+                metrics["mol_stability"] * (1 - metrics["mol_stability"]) / n
+            ),
+        }
+        rows.append(row)
+        print(
+            f"{name:9s} {row['steps']:5d} steps: atom stable {metrics['atom_stability']:.3f}, "
+            f"mol stable {metrics['mol_stability']:.3f}, valid {metrics['validity']:.3f}, "
+            f"{row['s_per_molecule']:.3f} s/molecule",
+            flush=True,
+        )
+
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    lines = [
+        f"Run `{args.run}` ({cfg['model']}, {cfg.get('preset')} preset), "
+        f"{args.num_molecules} molecules per setting, same sizes and seed; "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads.",
+        "",
+        "| sampler | steps | atom stable % | mol stable % | valid % | connected valid % | "
+        "unique % | s / molecule |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['sampler']} | {r['steps']} | {100 * r['atom_stability']:.1f} | "
+            f"{100 * r['mol_stability']:.1f} ± {100 * r['mol_stability_se']:.1f} | "
+            f"{100 * r['validity']:.1f} | {100 * r['connected_validity']:.1f} | "
+            f"{100 * r['uniqueness']:.1f} | {r['s_per_molecule']:.3f} |"
+        )
+    lines += ["", f"Command: `{command}`"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
+    print("\n".join(lines))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
