@@ -129,13 +129,18 @@ def _loader(ds, batch_size: int, shuffle: bool, seed: int = 0):
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=False)
 
 
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def heldout_loss(model: CanonicalizedDiffusion, loader, seed: int = 0) -> float:
     """Mean denoising loss on held-out molecules with a fixed draw of t and noise."""
     gen = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
+    device = _device_of(model)
     for batch in loader:
-        out = model.training_loss(batch, generator=gen)
+        out = model.training_loss(batch.to(device), generator=gen)
         total += out.per_sample.sum().item()
         count += out.per_sample.numel()
     return total / max(count, 1)
@@ -147,8 +152,9 @@ def heldout_nll(model: CanonicalizedDiffusion, loader, seed: int = 0) -> dict[st
     gen = torch.Generator().manual_seed(seed)
     sums: dict[str, float] = {}
     count = 0
+    device = _device_of(model)
     for batch in loader:
-        out = model.nll(batch, generator=gen)
+        out = model.nll(batch.to(device), generator=gen)
         for key in ("nll", "kl_prior", "diffusion", "reconstruction", "size"):
             sums[key] = sums.get(key, 0.0) + getattr(out, key).sum().item()
         count += out.nll.numel()
@@ -164,7 +170,7 @@ def init_distributed() -> bool:
     if "LOCAL_RANK" not in os.environ:
         return False
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return True
 
 
@@ -202,6 +208,10 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     valid = load_split("valid", cfg, cfg["val_size"])
     node_counts = node_counts_of(QM9("train", remove_h=cfg["remove_h"], progress=False))
     model = build_model(cfg, node_counts)
+    device = args_device(args.device)
+    if distributed and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    model.to(device)
     cfg["parameters"] = {
         "denoiser": sum(p.numel() for p in model.denoiser.parameters()),
         "canonicalizer": sum(p.numel() for p in model.canonicalizer.parameters()),
@@ -226,7 +236,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         train_loader = distributed_sampler_loader(
             train, cfg["batch_size"], seed=cfg["seed"], loader_cls=DataLoader
         )
-        trained, loss_fn = DistributedDataParallel(model), _forward_loss
+        ids = [device.index] if device.type == "cuda" else None
+        trained, loss_fn = DistributedDataParallel(model, device_ids=ids), _forward_loss
     else:
         train_loader = _loader(train, cfg["batch_size"], shuffle=True, seed=cfg["seed"])
         trained, loss_fn = model, None
@@ -248,6 +259,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         eval_with_ema=cfg["weights"] == "ema",
         progress=not args.no_progress,
         seed=cfg["seed"],
+        device=device,
     )
     if args.resume:
         trainer.resume(out / "checkpoints")
@@ -269,7 +281,15 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def load_trained(out: Path, weights: str | None = None):
+def args_device(name: str) -> torch.device:
+    """The device named on the command line, with a clear error when it is not there."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def load_trained(out: Path, weights: str | None = None, device: str = "cpu"):
     """Model, config and node-count distribution from a training folder."""
     from canonwrap.training import find_latest_checkpoint
 
@@ -286,6 +306,7 @@ def load_trained(out: Path, weights: str | None = None):
         ema = EMA(model, decay=cfg["ema_decay"])
         ema.load_state_dict(ckpt["ema"])
         ema.copy_to(model)
+    model.to(args_device(device))
     model.eval()
     return model, cfg, node_counts
 
@@ -304,7 +325,7 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
     from canonwrap.metrics.io import write_sdf, write_xyz
 
     out = Path(args.out)
-    model, cfg, node_counts = load_trained(out, args.weights)
+    model, cfg, node_counts = load_trained(out, args.weights, args.device)
     n_total = args.num_samples or cfg["num_samples"]
     batch_size = args.sample_batch or cfg["sample_batch"]
     sampler = make_sampler(args.sampler, args.steps)
@@ -340,7 +361,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from canonwrap.metrics.io import read_xyz
 
     out = Path(args.out)
-    model, cfg, _ = load_trained(out, args.weights)
+    model, cfg, _ = load_trained(out, args.weights, args.device)
     if not (out / "samples.xyz").exists():
         raise FileNotFoundError(f"{out / 'samples.xyz'} not found: run `sample` first")
     molecules = read_xyz(out / "samples.xyz")
@@ -404,6 +425,7 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", required=True, help="output folder of this run")
         sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
         sp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--weights", choices=["ema", "raw"], default=None,
                         help="weights used to evaluate and sample (default: the preset's)")
