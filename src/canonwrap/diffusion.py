@@ -13,7 +13,7 @@ the invariant distribution.
 
 from __future__ import annotations
 
-import math
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,24 @@ class NLLOutput:
     reconstruction: Tensor
     size: Tensor
     dims: Tensor
+
+
+def _call_signature_problem(denoiser: Any) -> str | None:
+    """Why ``denoiser(z_t, t)`` cannot be called, or ``None`` if its signature allows it."""
+    fn = denoiser.forward if isinstance(denoiser, nn.Module) else denoiser
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins and some C extensions have no signature
+        return None
+    try:
+        sig.bind(None, None)
+    except TypeError as err:
+        name = getattr(fn, "__qualname__", type(denoiser).__name__)
+        return (
+            f"the denoiser is called as denoiser(z_t, t) (noisy data and normalized times "
+            f"[B]), but {name}{sig} cannot take these two arguments: {err}"
+        )
+    return None
 
 
 def _lin(a: State, x: State, b: State, y: State) -> State:
@@ -152,7 +170,13 @@ class CanonicalizedDiffusion(nn.Module):
 
     def _predict(self, space: Space, z: State, template: Any, steps: Tensor) -> State:
         t = steps.to(z[0].dtype) / self.timesteps
-        out = self.denoiser(space.to_data(z, template), t)
+        try:
+            out = self.denoiser(space.to_data(z, template), t)
+        except TypeError as err:
+            problem = _call_signature_problem(self.denoiser)
+            if problem is None:  # the TypeError came from inside the denoiser
+                raise
+            raise TypeError(problem) from err
         return space.parse_output(out, z, template)
 
     # ------------------------------------------------------------------ public API
@@ -399,6 +423,10 @@ class CanonicalizedDiffusion(nn.Module):
         if not isinstance(space, TensorSpace):
             raise ValueError("`shape` is for tensor data; point clouds need `num_nodes`")
         full = (int(num_samples),) + tuple(shape) if num_samples is not None else tuple(shape)
-        if len(full) < 2 or math.prod(full) == 0:
-            raise ValueError(f"cannot sample an empty or unbatched shape {full}")
+        if len(full) < 2 or any(int(d) < 1 for d in full):
+            raise ValueError(
+                f"cannot sample the batch shape {full}: it needs a batch size and at least one "
+                "more dimension, all >= 1 (num_samples=B with shape of one sample, or the "
+                "batch shape alone)"
+            )
         return space, space.template(full, dtype=dtype, device=device)

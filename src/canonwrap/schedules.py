@@ -15,6 +15,8 @@ from torch import Tensor
 
 __all__ = ["NoiseSchedule", "PolynomialSchedule", "CosineSchedule", "clip_alphas2"]
 
+_T_TOL = 1e-6  # normalized times this far outside [0, 1] count as rounding and are clamped
+
 
 def clip_alphas2(alphas2: np.ndarray, clip_value: float = 0.001) -> np.ndarray:
     """Clip the step ratios ``alpha_t^2 / alpha_{t-1}^2`` to ``[clip_value, 1]``, re-accumulate.
@@ -52,11 +54,31 @@ class NoiseSchedule:
         return self.alphas2.numel() - 1
 
     def step_index(self, t: Tensor) -> Tensor:
-        """Integer step ``round(t * T)`` of normalized times ``t`` (clamped to ``[0, T]``)."""
-        return torch.round(t.double() * self.timesteps).long().clamp(0, self.timesteps)
+        """Integer step ``round(t * T)`` of normalized times ``t`` in ``[0, 1]``.
+
+        Times within ``1e-6`` outside ``[0, 1]`` (rounding) are clamped to it.
+
+        Raises
+        ------
+        ValueError
+            If some ``t`` is NaN or lies further outside ``[0, 1]`` (a time in steps
+            ``0..T`` passed where a normalized time is expected, for instance).
+        """
+        td = torch.as_tensor(t).double()
+        bad = torch.isnan(td) | (td < -_T_TOL) | (td > 1.0 + _T_TOL)
+        if bad.any():
+            shown = td[bad].flatten()[:5].tolist()
+            raise ValueError(
+                f"normalized times t must lie in [0, 1]; got {int(bad.sum())} value(s) outside it "
+                f"or NaN, e.g. {shown} (pass t / T for integer steps t = 0..T)"
+            )
+        return torch.round(td * self.timesteps).long().clamp(0, self.timesteps)
 
     def gamma(self, t: Tensor) -> Tensor:
-        """``gamma(t)`` for normalized times ``t`` in ``[0, 1]``; same shape and dtype as ``t``."""
+        """``gamma(t)`` for normalized times ``t`` in ``[0, 1]``; same shape and dtype as ``t``.
+
+        Raises ``ValueError`` for times outside ``[0, 1]`` (see :meth:`step_index`).
+        """
         dtype = t.dtype if torch.is_floating_point(t) else torch.float64
         table = self.gammas.to(t.device)
         return table[self.step_index(t).to(t.device)].to(dtype)

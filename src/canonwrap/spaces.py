@@ -197,9 +197,6 @@ class PointCloudSpace(Space):
             raise ValueError(f"pos must be [N, 3]; got {tuple(pos.shape)}")
         if pos.shape[0] == 0:
             raise ValueError("empty batch: the point cloud has no nodes")
-        batch = graph_index(data)
-        if batch.shape != (pos.shape[0],):
-            raise ValueError(f"batch must be [N={pos.shape[0]}]; got {tuple(batch.shape)}")
         h = self._features(data)
         if h is None:
             h = pos.new_zeros(pos.shape[0], 0)
@@ -218,6 +215,11 @@ class PointCloudSpace(Space):
                 raise ValueError(
                     f"expected {self.num_features} node features, got {h.shape[1]}"
                 )
+        # after the features: a Batch of Data whose x and pos disagree in length gets a
+        # batch vector as long as x, and the feature message above says what is wrong
+        batch = graph_index(data)
+        if batch.shape != (pos.shape[0],):
+            raise ValueError(f"batch must be [N={pos.shape[0]}]; got {tuple(batch.shape)}")
         pos = remove_mean(pos, batch, self.num_samples(data))
         return (pos, h)
 
@@ -299,7 +301,10 @@ class PointCloudSpace(Space):
         """An all-zero batch with ``num_nodes[b]`` nodes in graph ``b``, for sampling."""
         from torch_geometric.data import Batch
 
-        counts = torch.as_tensor(num_nodes, dtype=torch.long).flatten()
+        raw = torch.as_tensor(num_nodes)
+        if raw.is_floating_point() and not bool((raw == raw.round()).all()):
+            raise ValueError(f"num_nodes must hold integers; got {raw.flatten().tolist()}")
+        counts = raw.to(torch.long).flatten()
         if counts.numel() == 0:
             raise ValueError("num_nodes is empty: nothing to sample")
         if (counts < 1).any():
@@ -376,7 +381,8 @@ class MoleculeSpace(PointCloudSpace):
     Gaussian mass of the unit bin around 1 (normalized over types), the charge the mass of
     the unit bin around its integer value, both with standard deviation
     ``sigma_0 * scale``; positions keep the Gaussian decoder. ``-log p(N)`` comes from
-    ``node_counts``.
+    ``node_counts``. The likelihood needs the one-hot block of the data to be exactly
+    one-hot (after multiplying by ``onehot_scale``); other features raise ``ValueError``.
 
     Parameters
     ----------
@@ -403,9 +409,28 @@ class MoleculeSpace(PointCloudSpace):
         self.node_counts = node_counts
         super().__init__(num_features=len(self.atom_types) + int(self.include_charges))
 
+    def _check_one_hot(self, h: Tensor) -> None:
+        """Raise ``ValueError`` unless ``h[:, :k] * onehot_scale`` is one-hot in every row."""
+        k = len(self.atom_types)
+        scaled = h[:, :k].detach() * self.onehot_scale
+        binary = ((scaled - scaled.round()).abs() <= 1e-3) & (
+            (scaled.round() == 0) | (scaled.round() == 1)
+        )
+        ok = binary.all(-1) & (scaled.round().sum(-1) == 1)
+        if not bool(ok.all()):
+            row = int((~ok).nonzero()[0, 0])
+            raise ValueError(
+                f"the first {k} feature columns of {int((~ok).sum())} node(s) are not one-hot "
+                f"atom types divided by onehot_scale={self.onehot_scale:g} (node {row}: "
+                f"{scaled[row].tolist()} after multiplying by it); the discretized likelihood "
+                "of MoleculeSpace needs x = [one_hot / onehot_scale, charge / charge_scale] "
+                "(e.g. canonwrap.data.qm9_features)"
+            )
+
     def reconstruction_nll(self, state, eps, eps_hat, gamma0, template):
         pos, h = state
         k = len(self.atom_types)
+        self._check_one_hot(h)
         batch = graph_index(template)
         b = self.num_samples(template)
         g0 = gamma0.to(pos.dtype)
@@ -439,10 +464,21 @@ class MoleculeSpace(PointCloudSpace):
         return -self.node_counts.log_prob(counts).to(graph_index(template).device)
 
     def decode(self, data: Any) -> list[tuple[Tensor, Tensor]]:
-        """Molecules ``(z [n], pos [n, 3])`` from a sampled batch: atom type = argmax one-hot."""
+        """Molecules ``(z [n], pos [n, 3])`` from a sampled batch: atom type = argmax one-hot.
+
+        The one-hot block of a sample is continuous; only its arg-max is used.
+        """
         k = len(self.atom_types)
+        h = self._features(data)
+        if h is None or h.shape != (data.pos.shape[0], self.num_features):
+            shape = None if h is None else tuple(h.shape)
+            raise ValueError(
+                f"decode needs {self.feature_key} [N={data.pos.shape[0]}, "
+                f"F={self.num_features}] (one-hot scores of {self.atom_types}"
+                f"{' and a charge' if self.include_charges else ''}); got {shape}"
+            )
         types = torch.tensor(self.atom_types, device=data.pos.device)
-        z_all = types[data[self.feature_key][:, :k].argmax(-1)]
+        z_all = types[h[:, :k].argmax(-1)]
         batch = graph_index(data)
         out = []
         for i in range(self.num_samples(data)):

@@ -1188,8 +1188,9 @@ class Trainer:
         FileNotFoundError
             If no checkpoint is found.
         ValueError
-            If the checkpoint does not fit the model (names and shapes listed), the EMA or
-            the optimizer.
+            If the file cannot be read (truncated, corrupt) or is no Trainer checkpoint, or
+            if the checkpoint does not fit the model (names and shapes listed), the EMA or
+            the optimizer. Nothing is changed then.
         """
         if path is None:
             if self.checkpoint_dir is None:
@@ -1203,7 +1204,13 @@ class Trainer:
             path = latest
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
-        ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
+        except Exception as err:  # truncated or corrupt files fail deep inside torch.load
+            raise ValueError(
+                f"cannot read checkpoint {path} ({path.stat().st_size} bytes; truncated or "
+                f"corrupt?): {type(err).__name__}: {err}"
+            ) from err
         if not isinstance(ckpt, Mapping) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a canonwrap Trainer checkpoint")
 

@@ -230,10 +230,10 @@ class DiscreteRotationCanonicalizer(Canonicalizer):
         return (y * mask).sum(dim=(-2, -1)) / mask.sum()
 
     def _check(self, images: Tensor) -> None:
-        if not isinstance(images, Tensor) or images.dim() != 4:
-            raise ValueError(
-                f"expected images [B, C, H, W]; got {tuple(getattr(images, 'shape', ()))}"
-            )
+        if not isinstance(images, Tensor):
+            raise TypeError(f"expected an image tensor [B, C, H, W]; got {type(images).__name__}")
+        if images.dim() != 4:
+            raise ValueError(f"expected images [B, C, H, W]; got {tuple(images.shape)}")
         if images.shape[-1] != images.shape[-2]:
             raise ValueError(f"images must be square; got {tuple(images.shape[-2:])}")
         if images.shape[1] != self.in_channels:

@@ -130,8 +130,16 @@ def read_amat(path: str | Path, *, transpose: bool = True) -> tuple[Tensor, Tens
     (default) transposes it back. ``transpose=False`` returns the plain row-major reshape
     that many public loaders use. Since the benchmark's rotations are uniform, the two
     differ by a reflection only: orientation statistics and labels are unaffected.
+
+    Raises ``ValueError`` naming the file when it is empty, has rows of the wrong or
+    unequal length (e.g. truncated) or entries that are not numbers.
     """
-    table = np.loadtxt(path, dtype=np.float32, ndmin=2)
+    try:
+        table = np.loadtxt(path, dtype=np.float32, ndmin=2)
+    except ValueError as err:  # rows of unequal length (truncated file) or non-numbers
+        raise ValueError(f"{path}: not a valid .amat file (truncated or corrupt?): {err}") from err
+    if table.shape[0] == 0:
+        raise ValueError(f"{path}: the .amat file holds no rows")
     if table.shape[1] != 28 * 28 + 1:
         raise ValueError(f"{path}: expected rows of 785 numbers, got {table.shape[1]}")
     images = torch.from_numpy(table[:, :-1].copy()).reshape(-1, 1, 28, 28)

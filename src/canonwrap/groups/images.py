@@ -16,7 +16,8 @@ def rotate_images(images: Tensor, angles: Tensor) -> Tensor:
 
     Rotations by multiples of 90 degrees are exact index permutations (``torch.rot90``);
     other angles use bilinear interpolation about the image centre with zero padding, so
-    they are exact only up to interpolation error. Differentiable in ``images``.
+    they are exact only up to interpolation error, and need floating-point images
+    (``TypeError`` otherwise). Differentiable in ``images``.
     """
     if images.dim() != 4:
         raise ValueError(f"images must be [B, C, H, W]; got shape {tuple(images.shape)}")
@@ -33,6 +34,12 @@ def rotate_images(images: Tensor, angles: Tensor) -> Tensor:
             if sel.any():
                 out[sel] = torch.rot90(images[sel], q, dims=(-2, -1))
     if (~exact).any():
+        if not images.is_floating_point():
+            raise TypeError(
+                f"rotating by angles that are not multiples of 90 degrees interpolates, which "
+                f"needs floating-point images; got {images.dtype} (convert, e.g. "
+                "images.float() / 255)"
+            )
         sel = ~exact
         a = angles[sel].to(images.dtype)
         cos, sin = torch.cos(a), torch.sin(a)
