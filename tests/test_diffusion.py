@@ -11,21 +11,7 @@ from canonwrap.canonicalizers import CenterOfMass, PCACanonicalizer, frozen
 from canonwrap.samplers import AncestralSampler, DDIMSampler
 from canonwrap.schedules import NoiseSchedule, PolynomialSchedule
 from canonwrap.spaces import PointCloudSpace
-
-VAR = torch.tensor([0.3, 1.0, 2.5], dtype=torch.float64)
-
-
-class OptimalGaussianDenoiser(nn.Module):
-    """Exact E[eps | z_t] for data x ~ N(0, diag(VAR)): sigma_t (alpha_t^2 S + sigma_t^2)^-1 z."""
-
-    def __init__(self, schedule):
-        super().__init__()
-        self.schedule = schedule
-
-    def forward(self, z, t):
-        g = self.schedule.gamma(t)
-        a2, s2 = torch.sigmoid(-g)[:, None], torch.sigmoid(g)[:, None]
-        return s2.sqrt() * z / (a2 * VAR + s2)
+from tests.helpers import VAR, OptimalGaussianDenoiser  # noqa: E402
 
 
 def expected_bound(schedule, var):

@@ -11,28 +11,13 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from canonwrap import CanonicalizedDiffusion, DPMSolverSampler
 from canonwrap.nn import GNNDenoiser
 from canonwrap.samplers import AncestralSampler, DDIMSampler, Sampler
 from canonwrap.schedules import PolynomialSchedule
 from canonwrap.spaces import PointCloudSpace, TensorSpace
-
-VAR = torch.tensor([0.3, 1.0, 2.5], dtype=torch.float64)
-
-
-class OptimalGaussianDenoiser(nn.Module):
-    """Exact E[eps | z_t] for data x ~ N(0, diag(VAR)): sigma_t (alpha_t^2 S + sigma_t^2)^-1 z."""
-
-    def __init__(self, schedule):
-        super().__init__()
-        self.schedule = schedule
-
-    def forward(self, z, t):
-        g = self.schedule.gamma(t)
-        a2, s2 = torch.sigmoid(-g)[:, None], torch.sigmoid(g)[:, None]
-        return s2.sqrt() * z / (a2 * VAR + s2)
+from tests.helpers import VAR, OptimalGaussianDenoiser  # noqa: E402
 
 
 @pytest.fixture(scope="module")
