@@ -11,7 +11,7 @@ from canonwrap.canonicalizers import CenterOfMass, PCACanonicalizer, frozen
 from canonwrap.samplers import AncestralSampler, DDIMSampler
 from canonwrap.schedules import NoiseSchedule, PolynomialSchedule
 from canonwrap.spaces import PointCloudSpace
-from tests.helpers import VAR, OptimalGaussianDenoiser  # noqa: E402
+from tests.helpers import VAR, OptimalGaussianDenoiser
 
 
 def expected_bound(schedule, var):

@@ -17,7 +17,7 @@ from canonwrap.nn import GNNDenoiser
 from canonwrap.samplers import AncestralSampler, DDIMSampler, Sampler
 from canonwrap.schedules import PolynomialSchedule
 from canonwrap.spaces import PointCloudSpace, TensorSpace
-from tests.helpers import VAR, OptimalGaussianDenoiser  # noqa: E402
+from tests.helpers import VAR, OptimalGaussianDenoiser
 
 
 @pytest.fixture(scope="module")
