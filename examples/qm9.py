@@ -260,6 +260,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         progress=not args.no_progress,
         seed=cfg["seed"],
         device=device,
+        tensorboard_dir=out / "tensorboard" if getattr(args, "tensorboard", False) else None,
     )
     if args.resume:
         trainer.resume(out / "checkpoints")
@@ -436,6 +437,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--quick", action="store_true", help="2-CPU preset (~10 minutes)")
         sp.add_argument("--remove-h", action="store_true", help="QM9 without hydrogens")
         sp.add_argument("--resume", action="store_true", help="continue from checkpoints")
+        sp.add_argument("--tensorboard", action="store_true",
+                        help="also log losses and evaluations to <out>/tensorboard")
         for key, value in PRESETS["full"].items():
             if key in ("weights", "num_samples", "sample_batch", "nll_size"):
                 continue  # sampling/evaluation flags, defined with those commands

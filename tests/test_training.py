@@ -465,3 +465,24 @@ def test_single_rank_process_group(tmp_path):
         assert find_latest_checkpoint(tmp_path / "ckpt").name == "ckpt_000000003.pt"
     finally:
         dist.destroy_process_group()
+
+
+def test_tensorboard_scalars_match_the_log(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard not installed (dev extra)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    seed_all(0)
+    tb = tmp_path / "tb"
+    trainer = make_trainer(tmp_path / "ckpt", max_steps=4, tensorboard_dir=tb,
+                           eval_fn=lambda m: {"val": 1.5}, eval_every=2)
+    state = trainer.fit()
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss", "terms/mse", "grad_norm", "lr", "eval/val"} <= tags
+    logged = [r for r in state.history if "loss" in r]
+    assert [e.step for e in acc.Scalars("loss")] == [r["step"] for r in logged]
+    assert [e.value for e in acc.Scalars("loss")] == pytest.approx([r["loss"] for r in logged])
+    evals = [r for r in state.history if "eval" in r]
+    assert len(evals) >= 2
+    assert [e.value for e in acc.Scalars("eval/val")] == pytest.approx([1.5] * len(evals))

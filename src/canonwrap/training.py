@@ -696,6 +696,18 @@ def distributed_sampler_loader(
 # ---------------------------------------------------------------------------------------
 
 
+def _flat_scalars(record: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """``(name, value)`` for every numeric leaf of a log record, nested keys joined by ``/``."""
+    for key, value in record.items():
+        if key in ("step", "epoch"):
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            yield from _flat_scalars(value, name + "/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield name, float(value)
+
+
 @dataclass
 class TrainState:
     """Progress of a :class:`Trainer`.
@@ -789,6 +801,10 @@ class Trainer:
         Show a tqdm progress bar (rank 0 only).
     seed : int, default 0
         Seed of the data order (see the module docstring). Global RNGs are not seeded.
+    tensorboard_dir : path, optional
+        Also write every logged record (loss, terms, gradient norm, learning rate, and the
+        values returned by ``eval_fn``) as TensorBoard scalars there (rank 0 only). Needs the
+        ``tensorboard`` package.
     """
 
     def __init__(
@@ -814,6 +830,7 @@ class Trainer:
         device: torch.device | str | None = None,
         progress: bool = True,
         seed: int = 0,
+        tensorboard_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         for name, value in (
             ("checkpoint_every", checkpoint_every),
@@ -858,6 +875,15 @@ class Trainer:
         self.eval_with_ema = eval_with_ema
         self.device = torch.device(device) if device is not None else None
         self.progress = progress
+        self._tensorboard = None
+        if tensorboard_dir is not None and self.is_main_process:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ImportError(
+                    "tensorboard_dir needs the tensorboard package: pip install tensorboard"
+                ) from err
+            self._tensorboard = SummaryWriter(str(tensorboard_dir))
         self.seed = int(seed)
         self.state = TrainState()
         self._pending_rng: dict[str, Any] | None = None
@@ -1069,6 +1095,10 @@ class Trainer:
 
     def _record(self, record: dict[str, Any]) -> None:
         self.state.history.append(record)
+        if self._tensorboard is not None:
+            for key, value in _flat_scalars(record):
+                self._tensorboard.add_scalar(key, value, record["step"])
+            self._tensorboard.flush()
         path = self.log_path
         if path is not None and self.is_main_process:
             path.parent.mkdir(parents=True, exist_ok=True)
