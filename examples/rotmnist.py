@@ -531,7 +531,7 @@ def run_config(name: str, cfg: dict[str, Any], data, args: argparse.Namespace) -
     result = {
         "config": name,
         "test_loss": float(loss.mean()),
-        "test_loss_sem": float(loss.std() / math.sqrt(max(loss.numel() - 1, 1))),
+        "test_loss_sem": _sem(loss),
         "test_loss_by_t": loss_by_t(loss, ev["t"], cfg["timesteps"]),
         "test_images": n_test,
         "orientation_concentration": concentration[0] if concentration else None,
@@ -553,6 +553,29 @@ def run_config(name: str, cfg: dict[str, Any], data, args: argparse.Namespace) -
 
 
 # ------------------------------------------------------------------------- summary
+def _sem(values: Tensor) -> float:
+    """Standard error of the mean of ``values [N]`` (nan when ``N < 2``)."""
+    if values.numel() < 2:
+        return float("nan")
+    return float(values.std() / math.sqrt(values.numel()))
+
+
+def split_by_interpolation(diff: Tensor, element: Tensor, n: int) -> dict[str, Any]:
+    """Paired loss differences on digits whose canonical pose was interpolated or exact.
+
+    Element ``k`` of C_n is an exact pixel permutation when ``k`` is a multiple of
+    ``n / 4`` (a multiple of 90 degrees) and a bilinear interpolation otherwise, which
+    also smooths the digit. Splitting the paired difference ``diff [N]`` (canonicalized
+    minus UNet) by this tells a gain from alignment apart from a gain on smoothed digits.
+    """
+    exact = element % max(n // 4, 1) == 0 if n % 4 == 0 else element == 0
+    out: dict[str, Any] = {"interpolated_fraction": float((~exact).double().mean())}
+    for key, sel in (("exact", exact), ("interpolated", ~exact)):
+        out[f"diff_vs_unet_{key}"] = float(diff[sel].mean()) if sel.any() else float("nan")
+        out[f"diff_vs_unet_{key}_sem"] = _sem(diff[sel])
+    return out
+
+
 def collect(out: Path) -> dict[str, Any]:
     """Gather ``<out>/<config>/result.json`` of every configuration; write the summary."""
     results = {}
@@ -561,6 +584,10 @@ def collect(out: Path) -> dict[str, Any]:
         if path.is_file():
             results[name] = json.loads(path.read_text())
     # paired differences against the UNet (same digits, same t, same noise)
+    for name, res in results.items():
+        path = out / name / "test_eval.pt"
+        if path.is_file():
+            res["test_loss_sem"] = _sem(torch.load(path, weights_only=True)["loss"])
     base = out / "unet" / "test_eval.pt"
     if base.is_file():
         ref = torch.load(base, weights_only=True)["loss"]
@@ -573,7 +600,9 @@ def collect(out: Path) -> dict[str, Any]:
                 continue
             diff = loss - ref
             res["diff_vs_unet"] = float(diff.mean())
-            res["diff_vs_unet_sem"] = float(diff.std() / math.sqrt(max(diff.numel() - 1, 1)))
+            res["diff_vs_unet_sem"] = _sem(diff)
+            res.update(split_by_interpolation(diff, torch.load(path, weights_only=True)["element"],
+                                              CONFIGS[name][0]))
     config = None
     for name in results:
         config = json.loads((out / name / "config.json").read_text())
@@ -613,6 +642,25 @@ def markdown_table(results: dict[str, dict[str, Any]], config: dict[str, Any] | 
             f"| {r['parameters']['denoiser']:,} / {r['parameters']['canonicalizer']:,} "
             f"| {'—' if conc is None else f'{conc:.3f} (chance {chance:.3f})'} |"
         )
+    split = {k: r for k, r in results.items() if "interpolated_fraction" in r}
+    if split:
+        lines += [
+            "",
+            "Paired difference vs UNet split by the canonical pose: exact (a multiple of 90 "
+            "degrees, a pixel permutation) or interpolated (bilinear, which also smooths "
+            "the digit).",
+            "",
+            "| configuration | interpolated fraction | Δ on exact poses "
+            "| Δ on interpolated poses |",
+            "|---|---|---|---|",
+        ]
+        for name, r in split.items():
+            cells = [
+                f"{r[f'diff_vs_unet_{key}']:+.5f} ± {r[f'diff_vs_unet_{key}_sem']:.5f}"
+                for key in ("exact", "interpolated")
+            ]
+            lines.append(f"| {PUBLISHED_LABELS[name]} | {r['interpolated_fraction']:.2f} "
+                         f"| {cells[0]} | {cells[1]} |")
     if config is not None:
         keys = ("preset", "base_width", "channel_mults", "num_res_blocks", "canon_hidden",
                 "canon_layers", "canon_kernel", "batch_size", "lr", "canon_lr_ratio",
