@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from canonwrap.groups._data import graph_index, is_point_cloud, replace
+from canonwrap.groups._data import graph_index, is_point_cloud, num_samples, replace
 from canonwrap.utils import check_finite, remove_mean, segment_sum
 
 State = tuple[Tensor, ...]
@@ -230,11 +230,7 @@ class PointCloudSpace(Space):
         return replace(template, **fields)
 
     def num_samples(self, template):
-        ng = getattr(template, "num_graphs", None)
-        if ng is not None and getattr(template, "batch", None) is not None:
-            return int(ng)
-        batch = graph_index(template)
-        return int(batch.max().item()) + 1 if batch.numel() else 0
+        return num_samples(template)
 
     def expand(self, per_sample, state, template):
         per_node = per_sample.to(state[0].dtype)[graph_index(template)].unsqueeze(-1)

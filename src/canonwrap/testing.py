@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from canonwrap.groups._data import graph_index, is_point_cloud, replace
+from canonwrap.groups._data import graph_index, is_point_cloud, num_samples, replace
 from canonwrap.groups.base import Group
 
 __all__ = [
@@ -83,16 +83,10 @@ def _tol(atol: float | None, value: Any) -> float:
     return atol if atol is not None else default_tolerance(_dtype_of(value))
 
 
-def _num_samples(data: Any) -> int:
-    if is_point_cloud(data):
-        return int(graph_index(data).max().item()) + 1
-    return int(data.shape[0])
-
-
 def _random_elements(group: Group, data: Any, generator: torch.Generator | None) -> Tensor:
     ref = data.pos if is_point_cloud(data) else data
     dtype = ref.dtype if torch.is_floating_point(ref) else torch.float64
-    return group.random(_num_samples(data), generator=generator, dtype=dtype, device=ref.device)
+    return group.random(num_samples(data), generator=generator, dtype=dtype, device=ref.device)
 
 
 def assert_invariant(

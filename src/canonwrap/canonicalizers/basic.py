@@ -8,18 +8,11 @@ import torch
 from torch import Tensor
 
 from canonwrap.canonicalizers.base import Canonicalizer, CanonOutput
-from canonwrap.groups._data import graph_index, is_point_cloud, replace
+from canonwrap.groups._data import graph_index, is_point_cloud, num_samples, replace
 from canonwrap.groups.base import Group, Trivial
 from canonwrap.groups.rotations import SO3
 from canonwrap.groups.translations import Translations
-from canonwrap.utils import check_finite, num_graphs_of, remove_mean, segment_mean, segment_sum
-
-
-def _num_samples(data: Any) -> int:
-    if is_point_cloud(data):
-        ng = getattr(data, "num_graphs", None)
-        return int(ng) if ng is not None else num_graphs_of(graph_index(data))
-    return int(data.shape[0])
+from canonwrap.utils import check_finite, remove_mean, segment_mean, segment_sum
 
 
 def _check_point_cloud(data: Any, who: str) -> None:
@@ -36,7 +29,7 @@ def _check_point_cloud(data: Any, who: str) -> None:
 def centre(data: Any) -> Any:
     """Point cloud with the centre of mass (unweighted mean) of each graph removed."""
     batch = graph_index(data)
-    return replace(data, pos=remove_mean(data.pos, batch, _num_samples(data)))
+    return replace(data, pos=remove_mean(data.pos, batch, num_samples(data)))
 
 
 class Identity(Canonicalizer):
@@ -52,7 +45,7 @@ class Identity(Canonicalizer):
 
     def forward(self, data: Any) -> CanonOutput:
         ref = data.pos if is_point_cloud(data) else data
-        element = self.group.identity(_num_samples(data), dtype=ref.dtype, device=ref.device)
+        element = self.group.identity(num_samples(data), dtype=ref.dtype, device=ref.device)
         return CanonOutput(canonical=data, element=element)
 
 
@@ -68,7 +61,7 @@ class CenterOfMass(Canonicalizer):
 
     def forward(self, data: Any) -> CanonOutput:
         _check_point_cloud(data, "CenterOfMass")
-        com = segment_mean(data.pos, graph_index(data), _num_samples(data))
+        com = segment_mean(data.pos, graph_index(data), num_samples(data))
         return CanonOutput(canonical=self.apply_inverse(data, com), element=com)
 
 
@@ -103,7 +96,7 @@ class PCACanonicalizer(Canonicalizer):
     def frame(self, data: Any) -> Tensor:
         """The principal-axes rotation ``R [B, 3, 3]`` (columns ``e1, e2, e3``)."""
         batch = graph_index(data)
-        b = _num_samples(data)
+        b = num_samples(data)
         pos = remove_mean(data.pos.detach().double(), batch, b)
         cov = segment_sum(pos[:, :, None] * pos[:, None, :], batch, b)  # [B, 3, 3]
         scale = cov.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300)  # trace

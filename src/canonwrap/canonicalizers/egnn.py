@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from canonwrap.canonicalizers.base import Canonicalizer, CanonOutput
-from canonwrap.canonicalizers.basic import _check_point_cloud, _num_samples, centre
-from canonwrap.groups._data import graph_index
+from canonwrap.canonicalizers.basic import _check_point_cloud, centre
+from canonwrap.groups._data import graph_index, num_samples
 from canonwrap.groups.rotations import SO3
 from canonwrap.nn.egnn import EGNN
 from canonwrap.nn.graph import Aggregation, fully_connected_edges
@@ -168,7 +168,7 @@ class EGNNCanonicalizer(Canonicalizer):
         ``data`` must be centred (see :meth:`normalize`).
         """
         batch = graph_index(data)
-        b = _num_samples(data)
+        b = num_samples(data)
         pos = data.pos
         if self.num_features > 0:
             feats = getattr(data, "x", None)

@@ -21,6 +21,17 @@ def graph_index(data: Any) -> Tensor:
     return batch
 
 
+def num_samples(data: Any) -> int:
+    """Number of samples in a batch: graphs of a point cloud, or ``data.shape[0]``."""
+    if not is_point_cloud(data):
+        return int(data.shape[0])
+    ng = getattr(data, "num_graphs", None)
+    if ng is not None and getattr(data, "batch", None) is not None:
+        return int(ng)
+    batch = graph_index(data)
+    return int(batch.max().item()) + 1 if batch.numel() else 0
+
+
 def _long():
     import torch
 
