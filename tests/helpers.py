@@ -1,7 +1,24 @@
 """Shared test fixtures that are not canonicalizer-specific."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative_path: str):
+    """Import a repository script (``examples/x.py``, ``benchmarks/y.py``) as a module."""
+    path = ROOT / relative_path
+    name = "canonwrap_script_" + relative_path.replace("/", "_").removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 #: per-dimension variances of the Gaussian test data x ~ N(0, diag(VAR))
 VAR = torch.tensor([0.3, 1.0, 2.5], dtype=torch.float64)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from canonwrap.data import qm9 as qm9mod
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,12 +25,7 @@ pytestmark = pytest.mark.skipif(not _have_qm9_data(), reason="QM9 data (qm9pack)
 
 
 def _load(name: str):
-    path = ROOT / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"canonwrap_benchmark_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"benchmarks/{name}.py")
 
 
 TINY = [

@@ -2,6 +2,8 @@ import json
 
 import pytest
 
+from tests.helpers import load_script
+
 TRAIN = ["--quick", "--train-size", "48", "--val-size", "16",
          "--hidden", "8", "--layers", "1", "--canon-hidden", "8", "--canon-layers", "1",
          "--timesteps", "20", "--batch-size", "8", "--threads", "1", "--no-progress"]
@@ -34,15 +36,7 @@ def test_qm9_resume_and_ddim_sampling_and_figure(example, tmp_path):
     timing = qm9.main(["sample", "--out", str(out), "--num-samples", "2", "--sampler", "ddim",
                        "--steps", "5", "--no-progress"])
     assert timing["num_samples"] == 2
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "steps_vs_quality.py"
-    spec = importlib.util.spec_from_file_location("canonwrap_bench_svq", path)
-    svq = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = svq
-    spec.loader.exec_module(svq)
+    svq = load_script("benchmarks/steps_vs_quality.py")
     rows = svq.main(["--run", str(out), "--num-molecules", "2", "--settings",
                      "ancestral:5,dpm:3,ddim:3", "--out", str(tmp_path / "svq"), "--no-progress"])
     assert [r["steps"] for r in rows] == [5, 3, 3]
