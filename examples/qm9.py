@@ -109,7 +109,11 @@ def make_optimizer(model: CanonicalizedDiffusion, cfg: dict[str, Any]) -> torch.
 
 
 def load_split(split: str, cfg: dict[str, Any], size: int | None) -> QM9:
-    ds = QM9(split, remove_h=cfg["remove_h"], progress=True)
+    return subset(QM9(split, remove_h=cfg["remove_h"], progress=True), size)
+
+
+def subset(ds: QM9, size: int | None) -> QM9:
+    """A fixed, seeded subset of ``size`` molecules (all of them when ``size`` is None)."""
     if size is not None and size < len(ds):
         # a fixed, seeded subset so every model sees the same molecules
         gen = torch.Generator().manual_seed(12345)
@@ -204,9 +208,10 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     else:
         cfg = resolve_config(args)
     torch.manual_seed(cfg["seed"] + rank)  # own noise per rank; DDP copies rank 0's weights
-    train = load_split("train", cfg, cfg["train_size"])
+    full_train = QM9("train", remove_h=cfg["remove_h"], progress=True)
+    train = subset(full_train, cfg["train_size"])
     valid = load_split("valid", cfg, cfg["val_size"])
-    node_counts = node_counts_of(QM9("train", remove_h=cfg["remove_h"], progress=False))
+    node_counts = node_counts_of(full_train)
     model = build_model(cfg, node_counts)
     device = args_device(args.device)
     if distributed and device.type == "cuda":
