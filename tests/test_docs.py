@@ -30,7 +30,7 @@ def _api_modules() -> list[str]:
 
 def _public_names(module: str) -> list[str]:
     """``__all__`` of a canonwrap module, read from its source without importing it."""
-    path = ROOT / "src" / Path(*module.split("."))
+    path = ROOT / Path(*module.split("."))
     path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
     for node in ast.parse(path.read_text()).body:
         if isinstance(node, ast.Assign) and any(
@@ -85,7 +85,7 @@ def test_api_reference_lists_every_public_name(site):
 
 def test_api_reference_covers_every_module():
     """Every public module or subpackage of canonwrap has a ``:::`` entry in docs/api.md."""
-    package = ROOT / "src" / "canonwrap"
+    package = ROOT / "canonwrap"
     public = {
         f"canonwrap.{p.stem}"
         for p in package.iterdir()
