@@ -1,6 +1,6 @@
 """``CanonicalizedDiffusion``: a plain denoiser trained on canonical poses.
 
-Training follows Algorithm 1 of the canonicalization paper::
+Training follows Algorithm 1 of the canonicalization paper:
 
     t ~ U{0..T}, eps ~ N(0, I)
     z_t  = alpha_t c(x) + sigma_t eps
@@ -34,16 +34,23 @@ __all__ = ["CanonicalizedDiffusion", "LossOutput", "NLLOutput"]
 
 @dataclass
 class LossOutput:
-    """Result of :meth:`CanonicalizedDiffusion.training_loss`.
+    """Result of
+    [`CanonicalizedDiffusion.training_loss`][canonwrap.diffusion.CanonicalizedDiffusion.training_loss].
 
     Attributes
     ----------
-    loss: scalar to minimise (denoising loss plus the canonicalizer's prior loss).
-    denoising: scalar mean squared error per dimension, averaged over the batch.
-    per_sample: ``[B]`` mean squared error per dimension of each sample.
-    t: ``[B]`` integer steps drawn.
-    prior: the canonicalizer's prior loss (``None`` if it has none).
-    terms: scalar terms for logging.
+    loss
+        scalar to minimise (denoising loss plus the canonicalizer's prior loss).
+    denoising
+        scalar mean squared error per dimension, averaged over the batch.
+    per_sample
+        ``[B]`` mean squared error per dimension of each sample.
+    t
+        ``[B]`` integer steps drawn.
+    prior
+        the canonicalizer's prior loss (``None`` if it has none).
+    terms
+        scalar terms for logging.
     """
 
     loss: Tensor
@@ -60,7 +67,8 @@ class NLLOutput:
 
     ``nll = kl_prior + diffusion + reconstruction + size`` (``size``: ``-log p(N)`` for
     molecules, zero for data of fixed size). For canonicalized models all terms
-    are computed on the canonical pose (see :meth:`CanonicalizedDiffusion.nll`).
+    are computed on the canonical pose (see
+    [`CanonicalizedDiffusion.nll`][canonwrap.diffusion.CanonicalizedDiffusion.nll]).
     """
 
     nll: Tensor
@@ -98,16 +106,16 @@ class CanonicalizedDiffusion(nn.Module):
 
     Parameters
     ----------
-    denoiser:
+    denoiser
         Any module called as ``denoiser(z_t, t)`` with ``z_t`` in the data's layout and
         ``t [B]`` normalized times in ``[0, 1]``; returns the predicted noise in the same
         layout (point clouds: one tensor ``[N, 3 + F]`` or a pair ``(eps_pos, eps_x)``).
-    canonicalizer:
-        A :class:`~canonwrap.canonicalizers.Canonicalizer`; ``None`` means no
+    canonicalizer
+        A [`Canonicalizer`][canonwrap.canonicalizers.Canonicalizer]; ``None`` means no
         canonicalization (point clouds are still centred).
-    schedule:
+    schedule
         Noise schedule; default ``PolynomialSchedule(1000, 2, 1e-5)`` as EDM.
-    space:
+    space
         How the data is laid out; default chosen from the data (point cloud or tensor).
         Give ``PointCloudSpace(num_features=F)`` to sample point clouds from scratch.
 
@@ -189,8 +197,10 @@ class CanonicalizedDiffusion(nn.Module):
 
         Parameters
         ----------
-        data: a batch (tensor ``[B, ...]`` or point-cloud ``Batch``).
-        generator: optional generator for ``t`` and ``eps`` (on the data's device or CPU).
+        data
+            a batch (tensor ``[B, ...]`` or point-cloud ``Batch``).
+        generator
+            optional generator for ``t`` and ``eps`` (on the data's device or CPU).
         """
         space = self._space(data)
         space.state(data)  # validate the raw input before the canonicalizer sees it
@@ -221,7 +231,8 @@ class CanonicalizedDiffusion(nn.Module):
         )
 
     def forward(self, data: Any, generator: torch.Generator | None = None) -> LossOutput:
-        """The training loss: the same as :meth:`training_loss`.
+        """The training loss: the same as
+        [`training_loss`][canonwrap.diffusion.CanonicalizedDiffusion.training_loss].
 
         Calling the module computes its loss so that wrappers which act on ``forward``
         see the computation: ``DistributedDataParallel`` synchronises gradients only for
@@ -330,28 +341,32 @@ class CanonicalizedDiffusion(nn.Module):
 
         Parameters
         ----------
-        num_samples, shape:
+        num_samples
             For tensors: ``shape`` of one sample (``num_samples`` of them) or of the batch.
-        num_nodes:
+        shape
+            For tensors: ``shape`` of one sample (``num_samples`` of them) or of the batch.
+        num_nodes
             For point clouds: number of nodes of each sample (sequence or tensor ``[B]``).
-        sampler:
-            Default :class:`~canonwrap.samplers.AncestralSampler` over all ``T`` steps. Each
-            call gives the sampler fresh histories (:meth:`~canonwrap.samplers.Sampler.begin`),
-            so one sampler object can serve any number of calls.
-        generator:
+        sampler
+            Default [`AncestralSampler`][canonwrap.samplers.AncestralSampler] over all ``T`` steps.
+            Each call gives the sampler fresh histories
+            ([`begin`][canonwrap.samplers.Sampler.begin]), so one sampler object can serve any
+            number of calls.
+        generator
             Seeds the prior noise and every stochastic step.
-        randomize_pose:
+        randomize_pose
             Apply a Haar-random group element of the canonicalizer's group to each sample,
             giving samples of the invariant distribution. Without it, samples come in the
             canonical pose. Translations (non-compact) are represented by centring and are
             left as they are.
-        progress:
+        progress
             Show a progress bar over steps.
 
         Returns
         -------
-        Samples in the data layout: a tensor ``[B, ...]`` or a point-cloud ``Batch`` with
-        ``pos`` and continuous features ``x``.
+        Tensor or Batch
+            Samples in the data layout: a tensor ``[B, ...]`` or a point-cloud ``Batch``
+            with ``pos`` and continuous features ``x``.
         """
         if device is None:
             p = next(iter(self.parameters()), None)

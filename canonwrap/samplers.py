@@ -1,12 +1,13 @@
 """Reverse-process samplers: one step from ``z_t`` to ``z_s`` (``s < t``) given ``eps_hat``.
 
-Samplers are plain objects passed to :meth:`CanonicalizedDiffusion.sample`. Each chooses
-the integer steps it visits (:meth:`Sampler.steps`) and how to move between them.
-Formulas follow the variance-preserving parametrisation with ``gamma = log(sigma^2 /
-alpha^2)`` (Kingma et al. 2021; Hoogeboom et al. 2022, appendix); multistep solvers work
-with the half log signal-to-noise ratio ``lambda = -gamma / 2 = log(alpha / sigma)``.
+Samplers are plain objects passed to
+[`CanonicalizedDiffusion.sample`][canonwrap.diffusion.CanonicalizedDiffusion.sample]. Each chooses
+the integer steps it visits ([`Sampler.steps`][canonwrap.samplers.Sampler.steps]) and how to move
+between them. Formulas follow the variance-preserving parametrisation with
+``gamma = log(sigma^2 / alpha^2)`` (Kingma et al. 2021; Hoogeboom et al. 2022, appendix); multistep
+solvers work with the half log signal-to-noise ratio ``lambda = -gamma / 2 = log(alpha / sigma)``.
 
-How the sampling loop drives a sampler (one call of ``sample``)::
+How the sampling loop drives a sampler (one call of ``sample``):
 
     steps = sampler.steps(T)                        # descending, T ... 0
     history = [sampler.begin(steps) for each state component]
@@ -15,9 +16,9 @@ How the sampling loop drives a sampler (one call of ``sample``)::
         z_i = sampler.step_with_history(z_i, eps_hat_i, gamma_t, gamma_s, noise_i, history_i)
 
 ``history_i`` is a dict created afresh for every ``sample`` call and owned by the loop, so
-nothing carries over between calls. One-step samplers implement :meth:`Sampler.step` only
-and never see it; multistep solvers (:class:`DPMSolverSampler`) keep their earlier
-predictions there.
+nothing carries over between calls. One-step samplers implement
+[`Sampler.step`][canonwrap.samplers.Sampler.step] only and never see it; multistep solvers
+([`DPMSolverSampler`][canonwrap.samplers.DPMSolverSampler]) keep their earlier predictions there.
 """
 
 from __future__ import annotations
@@ -59,12 +60,14 @@ def _even_steps(timesteps: int, num_steps: int | None) -> list[int]:
 class Sampler(ABC):
     """Interface: ``steps(T)`` gives descending integer steps from ``T`` to ``0``.
 
-    Subclasses implement :meth:`step`. Samplers that need more than the current model
-    output (multistep solvers) also override :meth:`begin` and :meth:`step_with_history`.
+    Subclasses implement [`step`][canonwrap.samplers.Sampler.step]. Samplers that need more than the
+    current model output (multistep solvers) also override
+    [`begin`][canonwrap.samplers.Sampler.begin] and
+    [`step_with_history`][canonwrap.samplers.Sampler.step_with_history].
 
     Parameters
     ----------
-    num_steps:
+    num_steps
         Number of steps from ``T`` to ``0`` (evenly spaced integers); ``None`` visits all
         ``T``. Must be ``>= 1``.
     """
@@ -94,7 +97,8 @@ class Sampler(ABC):
 
         The sampling loop calls this once per state component in every ``sample`` call,
         with the steps it is about to visit, and passes the returned dict to each
-        :meth:`step_with_history` of that component. The default is an empty dict.
+        [`step_with_history`][canonwrap.samplers.Sampler.step_with_history] of that component. The
+        default is an empty dict.
         """
         return {}
 
@@ -107,7 +111,8 @@ class Sampler(ABC):
         noise: Tensor | None,
         history: History,
     ) -> Tensor:
-        """:meth:`step` with access to this component's ``history`` (read and updated).
+        """[`step`][canonwrap.samplers.Sampler.step] with access to this component's ``history``
+        (read and updated).
 
         The sampling loop always calls this method; the default ignores ``history`` and
         returns ``self.step(z_t, eps_hat, gamma_t, gamma_s, noise)``.
@@ -124,7 +129,7 @@ class AncestralSampler(Sampler):
     """Ancestral sampling from ``p(z_s | z_t)`` (DDPM; EDM's ``sample_p_zs_given_zt``).
 
     With ``alpha_{t|s} = alpha_t / alpha_s`` and ``sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2
-    sigma_s^2``::
+    sigma_s^2``:
 
         mu    = z_t / alpha_{t|s} - sigma_{t|s}^2 / (alpha_{t|s} sigma_t) * eps_hat
         sigma = sigma_{t|s} sigma_s / sigma_t
@@ -150,7 +155,7 @@ class AncestralSampler(Sampler):
 
 
 class DDIMSampler(Sampler):
-    """Deterministic DDIM step (Song et al. 2021, eta = 0)::
+    """Deterministic DDIM step (Song et al. 2021, eta = 0):
 
         x_hat = (z_t - sigma_t eps_hat) / alpha_t
         z_s   = alpha_s x_hat + sigma_s eps_hat
@@ -172,13 +177,13 @@ class DPMSolverSampler(Sampler):
     Lu et al. (2022), "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
     Probabilistic Models", Algorithm 2, in the data-prediction form. With
     ``lambda = -gamma / 2 = log(alpha / sigma)``, ``h = lambda_s - lambda_t > 0`` and the
-    data prediction ``x_hat_t = (z_t - sigma_t eps_hat) / alpha_t``, one step is::
+    data prediction ``x_hat_t = (z_t - sigma_t eps_hat) / alpha_t``, one step is:
 
         z_s = (sigma_s / sigma_t) z_t - alpha_s expm1(-h) D
 
     with ``D = x_hat_t`` for a first-order step (this is exactly DDIM) and, for a
     second-order step that reuses the prediction ``x_hat_p`` made at the previous step
-    ``p`` (``h_p = lambda_t - lambda_p``, ``r = h_p / h``)::
+    ``p`` (``h_p = lambda_t - lambda_p``, ``r = h_p / h``):
 
         D = (1 + 1 / (2 r)) x_hat_t - 1 / (2 r) x_hat_p
 
@@ -186,16 +191,17 @@ class DPMSolverSampler(Sampler):
     ``O(h^2)`` instead of ``O(h)``. The first step has no earlier prediction and is first
     order; so is the last one when ``lower_order_final`` (on an even time grid the final
     step to ``t = 0`` is by far the longest in ``lambda``, and extrapolating over it is
-    unstable). Predictions are kept in the per-call history (see :meth:`Sampler.begin`),
-    never on the sampler, so separate ``sample`` calls do not interact.
+    unstable). Predictions are kept in the per-call history (see
+    [`Sampler.begin`][canonwrap.samplers.Sampler.begin]), never on the sampler, so separate
+    ``sample`` calls do not interact.
 
     Parameters
     ----------
-    num_steps:
+    num_steps
         Solver steps from ``T`` to ``0`` on an even integer grid (``None``: all ``T``).
-    order:
+    order
         ``2`` (DPM-Solver++(2M)) or ``1`` (first order, the same update as DDIM).
-    lower_order_final:
+    lower_order_final
         Take the last step with the first-order update.
 
     Examples
@@ -227,7 +233,8 @@ class DPMSolverSampler(Sampler):
 
         ``history`` keys: ``"x_hat"`` and ``"lambda"`` (prediction and ``lambda`` of the
         previous step, absent before the first step) and ``"remaining"`` (steps left
-        including this one; set by :meth:`begin`, absent if unknown).
+        including this one; set by [`begin`][canonwrap.samplers.DPMSolverSampler.begin], absent if
+        unknown).
         """
         alpha_t, sigma_t = torch.sqrt(torch.sigmoid(-gamma_t)), torch.sqrt(torch.sigmoid(gamma_t))
         alpha_s = torch.sqrt(torch.sigmoid(-gamma_s))

@@ -34,7 +34,7 @@ class NoiseSchedule:
 
     Parameters
     ----------
-    alphas2:
+    alphas2
         ``alpha_t^2`` for ``t = 0..T`` (float64), strictly inside ``(0, 1)``.
     """
 
@@ -77,7 +77,8 @@ class NoiseSchedule:
     def gamma(self, t: Tensor) -> Tensor:
         """``gamma(t)`` for normalized times ``t`` in ``[0, 1]``; same shape and dtype as ``t``.
 
-        Raises ``ValueError`` for times outside ``[0, 1]`` (see :meth:`step_index`).
+        Raises ``ValueError`` for times outside ``[0, 1]`` (see
+        [`step_index`][canonwrap.schedules.NoiseSchedule.step_index]).
         """
         dtype = t.dtype if torch.is_floating_point(t) else torch.float64
         table = self.gammas.to(t.device)
@@ -106,7 +107,7 @@ class PolynomialSchedule(NoiseSchedule):
     """EDM's ``polynomial_<power>`` schedule (Hoogeboom et al. 2022, appendix B).
 
     ``alpha_t^2 = (1 - (t / T)^power)^2`` for ``t = 0..T``, step ratios clipped to
-    ``[0.001, 1]`` and re-accumulated (:func:`clip_alphas2`), then
+    ``[0.001, 1]`` and re-accumulated ([`clip_alphas2`][canonwrap.schedules.clip_alphas2]), then
     ``alpha_t^2 <- (1 - 2 s) alpha_t^2 + s`` with ``s = precision``. EDM's QM9 models use
     ``power=2``, ``T=1000``, ``precision=1e-5``.
     """
@@ -133,7 +134,7 @@ class CosineSchedule(NoiseSchedule):
 
     ``alpha_t^2 = f(t) / f(0)`` with ``f(t) = cos^2(((t / T + s) / (1 + s)) pi / 2)``, step
     ratios clipped to ``[0.001, 1]`` and the same ``precision`` floor as
-    :class:`PolynomialSchedule`.
+    [`PolynomialSchedule`][canonwrap.schedules.PolynomialSchedule].
     """
 
     def __init__(self, timesteps: int = 1000, s: float = 0.008, precision: float = 1e-5) -> None:

@@ -64,57 +64,58 @@ class DiscreteRotationCanonicalizer(Canonicalizer):
         only to that precision). Hence the element is exactly equivariant for multiples of
         90 degrees whenever ``n`` is a multiple of 4 and no two scores are that close. Other
         multiples of ``2 pi / n`` act by interpolation (see
-        :func:`canonwrap.groups.rotate_images`); there the scores are only approximately
-        shifted.
+        [`canonwrap.groups.rotate_images`][canonwrap.groups.rotate_images]); there the scores are
+        only approximately shifted.
 
     Direction convention
         Element ``k`` is the counter-clockwise rotation (as displayed, row 0 on top) by
-        ``2 pi k / n``, as in :class:`~canonwrap.groups.CyclicRotations`. escnn's action of
-        element ``k`` of ``rot2dOnR2(N=n)`` on a field over the grid agrees with this
-        (``k = n / 4`` is ``torch.rot90(x, 1, dims=(-2, -1))``), and it maps channel ``j``
-        of a regular field to channel ``j + k``. So ``h(x) = argmax_j scores_j(x)``
-        satisfies ``h(g . x) = g + h(x) (mod n)`` with no re-indexing.
+        ``2 pi k / n``, as in [`CyclicRotations`][canonwrap.groups.CyclicRotations]. escnn's action
+        of element ``k`` of ``rot2dOnR2(N=n)`` on a field over the grid agrees with this
+        (``k = n / 4`` is ``torch.rot90(x, 1, dims=(-2, -1))``), and it maps channel ``j`` of a
+        regular field to channel ``j + k``. So ``h(x) = argmax_j scores_j(x)`` satisfies
+        ``h(g . x) = g + h(x) (mod n)`` with no re-indexing.
 
     Straight-through estimator
-        The arg-max is piecewise constant, so the canonical image is computed as::
+        The arg-max is piecewise constant, so the canonical image is computed as:
 
             p = softmax(scores / temperature)             # [B, n]
             w = one_hot(k*) + (p - p.detach())            # [B, n]; value: exactly one_hot
             canonical = sum_k w_k * rotate(x, -2 pi k / n)
 
         The forward value is exactly the hard choice ``rotate(x, -2 pi k* / n)`` (the same
-        tensor :meth:`apply_inverse` returns); the backward pass sends
+        tensor ``apply_inverse`` returns); the backward pass sends
         ``dL/dscores = J_softmax^T <dL/dcanonical, rotate(x, -2 pi k / n)>_k`` to the
         network, i.e. the gradient of the loss if the pose were a softmax mixture of all
         ``n`` candidate poses. The ``n`` rotated copies are computed only when gradients
         are recorded; under ``torch.no_grad`` only the chosen rotation is computed.
 
     Prior
-        With ``prior_weight > 0``, :attr:`CanonOutput.prior_loss` is
-        ``prior_weight * cross_entropy(scores / temperature, 0)``: a pull of the chosen
-        element towards the identity (equiadapt's prior regularisation), already weighted,
-        so a training loop can simply add it. With ``prior_weight == 0`` it is ``None``.
+        With ``prior_weight > 0``,
+        [`CanonOutput.prior_loss`][canonwrap.canonicalizers.CanonOutput.prior_loss] is
+        ``prior_weight * cross_entropy(scores / temperature, 0)``: a pull of the chosen element
+        towards the identity (equiadapt's prior regularisation), already weighted, so a training
+        loop can simply add it. With ``prior_weight == 0`` it is ``None``.
 
     Parameters
     ----------
-    n:
+    n
         Order of the cyclic group (8, 16 or 32 are typical; a multiple of 4 keeps
         90-degree rotations exact).
-    in_channels:
+    in_channels
         Image channels ``C``.
-    hidden:
+    hidden
         Number of regular fields (each of ``n`` channels) in the hidden layers.
-    layers:
+    layers
         Number of steerable convolutions, at least 2.
-    kernel_size:
+    kernel_size
         Odd kernel size of every convolution.
-    downsample:
+    downsample
         Number of stride-2 poolings (after the first ``downsample`` hidden layers).
-    prior_weight:
+    prior_weight
         Weight of the identity prior; ``0`` disables it.
-    temperature:
+    temperature
         Softmax temperature of the straight-through gradient and of the prior.
-    mask_input:
+    mask_input
         Zero the input of the scoring network outside the inscribed disc.
 
     Examples

@@ -1,12 +1,14 @@
-"""Adapter: an equiadapt discrete image canonicalizer as a canonwrap :class:`Canonicalizer`.
+"""Adapter: an equiadapt discrete image canonicalizer as a canonwrap
+[`Canonicalizer`][canonwrap.canonicalizers.Canonicalizer].
 
 `equiadapt <https://pypi.org/project/equiadapt/>`_ (Kaba et al. 2023; Mondal et al. 2023)
 ships canonicalizers for images built around an equivariant "canonicalization network",
 for instance ``GroupEquivariantImageCanonicalization`` with its e2cnn-based
 ``ESCNNEquivariantNetwork`` or its ``CustomEquivariantNetwork``. They return only the
 canonical image and keep the group element and the activations in a dictionary on the
-object (``canonicalization_info_dict``). :class:`EquiAdaptCanonicalizer` wraps such an object
-so that it returns a :class:`~canonwrap.canonicalizers.CanonOutput` and can be used
+object (``canonicalization_info_dict``).
+[`EquiAdaptCanonicalizer`][canonwrap.canonicalizers.equiadapt.EquiAdaptCanonicalizer] wraps such an
+object so that it returns a [`CanonOutput`][canonwrap.canonicalizers.CanonOutput] and can be used
 wherever canonwrap expects a canonicalizer (``CanonicalizedDiffusion``, ``frozen``,
 ``canonwrap.testing``).
 
@@ -21,7 +23,7 @@ Installing equiadapt
     torchvision wheels are built against the CUDA builds of torch, so they do not import
     beside a CPU-only torch (``operator torchvision::nms does not exist``). The project's
     route is a separate environment with a matching pair, which ``scripts/setup.sh`` creates
-    by default (``CANONWRAP_EQUIADAPT=0`` skips it)::
+    by default (``CANONWRAP_EQUIADAPT=0`` skips it):
 
         bash scripts/setup.sh      # also creates .venv-equiadapt
 
@@ -68,18 +70,20 @@ class EquiAdaptCanonicalizer(Canonicalizer):
 
     Parameters
     ----------
-    canonicalization:
+    canonicalization
         An equiadapt ``DiscreteGroupImageCanonicalization`` (typically
         ``GroupEquivariantImageCanonicalization``) with ``group_type == "rotation"``. Its
-        ``num_rotations`` gives ``n``; :attr:`group` is ``CyclicRotations(n)``. It becomes a
-        submodule, so ``.train()``, ``.eval()``, ``.parameters()``, ``.to(device)`` and
-        ``state_dict()`` reach it.
-    prior_weight:
-        Weight ``w`` of equiadapt's prior: with ``w > 0``, :attr:`CanonOutput.prior_loss` is
-        ``w * canonicalization.get_prior_regularization_loss()``, i.e. ``w`` times the
-        cross-entropy of the group activations against the identity element (equiadapt's
-        "dataset prior"), already weighted so that a training loop (``CanonicalizedDiffusion``)
-        can simply add it. With ``w == 0`` (default) ``prior_loss`` is ``None``.
+        ``num_rotations`` gives ``n``;
+        [`group`][canonwrap.canonicalizers.equiadapt.EquiAdaptCanonicalizer.group] is
+        ``CyclicRotations(n)``. It becomes a submodule, so ``.train()``, ``.eval()``,
+        ``.parameters()``, ``.to(device)`` and ``state_dict()`` reach it.
+    prior_weight
+        Weight ``w`` of equiadapt's prior: with ``w > 0``,
+        [`CanonOutput.prior_loss`][canonwrap.canonicalizers.CanonOutput.prior_loss] is
+        ``w * canonicalization.get_prior_regularization_loss()``, i.e. ``w`` times the cross-entropy
+        of the group activations against the identity element (equiadapt's "dataset prior"), already
+        weighted so that a training loop (``CanonicalizedDiffusion``) can simply add it. With
+        ``w == 0`` (default) ``prior_loss`` is ``None``.
 
     Notes
     -----
@@ -91,7 +95,7 @@ class EquiAdaptCanonicalizer(Canonicalizer):
     survives into the next: neither the adapter nor the wrapped object keeps state
     between calls. (equiadapt's own ``invert_canonicalization`` and
     ``get_identity_metric`` read that dictionary and therefore cannot be called after the
-    adapter; use :attr:`CanonOutput.element` instead.)
+    adapter; use [`CanonOutput.element`][canonwrap.canonicalizers.CanonOutput.element] instead.)
 
     **Conventions (checked by the tests against the installed equiadapt).**
     equiadapt's element ``k`` (``argmax`` of the ``n`` group activations) is stored as the
@@ -99,20 +103,22 @@ class EquiAdaptCanonicalizer(Canonicalizer):
     ``kornia.geometry.rotate(x, -360 k / n)``. kornia's positive angles rotate
     counter-clockwise as displayed (row 0 on top) about the grid centre
     ``((W - 1) / 2, (H - 1) / 2)``: ``+90`` is ``torch.rot90(x, 1, dims=(-2, -1))``. That
-    is canonwrap's convention for :class:`~canonwrap.groups.CyclicRotations`, so the
+    is canonwrap's convention for [`CyclicRotations`][canonwrap.groups.CyclicRotations], so the
     element is ``k = round(angle * n / 360) mod n`` with no sign flip, and equiadapt's
     equivariant networks shift their activations by ``+n/4`` under ``rot90(x, 1)``, giving
     ``h(g . x) = g + h(x) (mod n)``.
 
     **Canonical image.**
-    :attr:`CanonOutput.canonical` is exactly the tensor equiadapt's ``canonicalize``
-    returns: the input rotated by kornia (bilinear, zero padding for one channel; for
-    more channels equiadapt pads by edge replication before rotating and crops after). For
-    multiples of 90 degrees kornia computes ``cos``/``sin`` of the angle in float32, so it
-    reproduces ``torch.rot90`` only up to a few ``1e-6`` (relative to the pixel range), not
-    bit for bit. :meth:`apply_inverse` (used by :func:`~canonwrap.canonicalizers.frozen`)
-    runs the same equiadapt padding / kornia rotation / crop, so a frozen adapter returns
-    the same canonical images as the adapter in eval mode.
+    [`CanonOutput.canonical`][canonwrap.canonicalizers.CanonOutput.canonical] is exactly the tensor
+    equiadapt's ``canonicalize`` returns: the input rotated by kornia (bilinear, zero padding for
+    one channel; for more channels equiadapt pads by edge replication before rotating and crops
+    after). For multiples of 90 degrees kornia computes ``cos``/``sin`` of the angle in float32, so
+    it reproduces ``torch.rot90`` only up to a few ``1e-6`` (relative to the pixel range), not bit
+    for bit.
+    [`apply_inverse`][canonwrap.canonicalizers.equiadapt.EquiAdaptCanonicalizer.apply_inverse] (used
+    by [`frozen`][canonwrap.canonicalizers.frozen]) runs the same equiadapt padding / kornia
+    rotation / crop, so a frozen adapter returns the same canonical images as the adapter in eval
+    mode.
 
     **Training and eval modes.**
     In training mode equiadapt uses a straight-through estimator: the rotation angle is
@@ -133,7 +139,7 @@ class EquiAdaptCanonicalizer(Canonicalizer):
 
     Examples
     --------
-    A C4 canonicalizer with equiadapt's e2cnn network on 13x13 grey images::
+    A C4 canonicalizer with equiadapt's e2cnn network on 13x13 grey images:
 
         from omegaconf import OmegaConf
         from equiadapt.images.canonicalization.discrete_group import (

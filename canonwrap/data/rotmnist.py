@@ -12,7 +12,7 @@ Three sources, tried in this order by ``source="auto"``:
     and, when present, ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``; each
     raw or ``.gz``). Each digit is rotated by its own angle drawn uniformly from
     ``[0, 2 pi)`` with a seeded generator (bilinear, about the image centre, zero padding,
-    via :func:`canonwrap.groups.rotate_images`).
+    via [`canonwrap.groups.rotate_images`][canonwrap.groups.rotate_images]).
 ``"torchvision"``
     ``torchvision.datasets.MNIST(root, download=False)`` when torchvision imports; its
     digits are rotated as for ``"idx"``. Nothing is ever downloaded.
@@ -195,46 +195,49 @@ class RotatedMNIST(Dataset):
         =========  ==========================  ===================  =====================
 
         The holdout (IDX or torchvision without the 60,000 training digits) is
-        :func:`holdout_split` with ``test_size`` and ``split_seed``: 8,000 / 2,000 by
-        default. ``torchvision`` follows the IDX columns.
+        [`holdout_split`][canonwrap.data.rotmnist.holdout_split] with ``test_size`` and
+        ``split_seed``: 8,000 / 2,000 by default. ``torchvision`` follows the IDX columns.
 
     Angles
         For IDX and torchvision data, digit ``i`` of the t10k file is rotated by angle
-        ``i`` of :func:`rotate_digits` with ``seed``, digit ``i`` of the train file by
-        angle ``i`` with ``seed + 1_000_003``; a digit keeps its angle whatever the split.
-        ``angles`` holds them (``None`` for ``.amat`` data, whose angles are unknown).
+        ``i`` of [`rotate_digits`][canonwrap.data.rotmnist.rotate_digits] with ``seed``, digit ``i``
+        of the train file by angle ``i`` with ``seed + 1_000_003``; a digit keeps its angle whatever
+        the split. ``angles`` holds them (``None`` for ``.amat`` data, whose angles are unknown).
 
     Parameters
     ----------
-    root:
-        Folder holding the files; default :func:`default_mnist_root`.
-    split:
+    root
+        Folder holding the files; default
+        [`default_mnist_root`][canonwrap.data.rotmnist.default_mnist_root].
+    split
         One of the rows above.
-    source:
+    source
         ``"auto"`` (first of ``amat``, ``idx``, ``torchvision`` with the needed files),
         or one of them.
-    seed:
+    seed
         Seed of the rotation angles (IDX / torchvision).
-    rotate:
+    rotate
         ``False`` keeps IDX / torchvision digits upright (``angles`` are then zeros).
-    symmetric:
+    symmetric
         Scale grey levels from ``[0, 1]`` to ``[-1, 1]``.
-    test_size, split_seed:
+    test_size
         The holdout used when only the t10k digits exist.
-    amat_transpose:
-        See :func:`read_amat`.
+    split_seed
+        The holdout used when only the t10k digits exist.
+    amat_transpose
+        See [`read_amat`][canonwrap.data.rotmnist.read_amat].
 
     Attributes
     ----------
-    images: Tensor
+    images : Tensor
         ``[N, 1, 28, 28]`` float32.
-    labels: Tensor
+    labels : Tensor
         ``[N]`` int64.
-    angles: Tensor or None
+    angles : Tensor or None
         ``[N]`` float64 radians (counter-clockwise as displayed) applied to upright digits.
-    source: str
+    source : str
         The source actually used.
-    files: list[Path]
+    files : list[Path]
         The files read.
     """
 

@@ -31,9 +31,10 @@ def rotated_shapes(
 
     Returns
     -------
-    A ``torch_geometric`` ``Batch`` with ``pos [num_samples * n, 3]`` and, when
-    ``num_features > 0``, constant features ``x`` (one-hot of the node index, scaled by
-    1/4, truncated to ``num_features`` columns).
+    Batch
+        A ``torch_geometric`` ``Batch`` with ``pos [num_samples * n, 3]`` and, when
+        ``num_features > 0``, constant features ``x`` (one-hot of the node index, scaled by
+        1/4, truncated to ``num_features`` columns).
     """
     from torch_geometric.data import Batch, Data
 

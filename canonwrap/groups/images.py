@@ -62,7 +62,8 @@ class CyclicRotations(Group):
 
     Elements are integers ``k`` in ``[0, n)`` stored as a long tensor ``[B]`` (rotation by
     ``2 pi k / n`` counter-clockwise). Exact on the pixel grid for multiples of 90 degrees;
-    for other angles the action interpolates (see :func:`rotate_images`).
+    for other angles the action interpolates (see
+    [`rotate_images`][canonwrap.groups.rotate_images]).
     """
 
     def __init__(self, n: int) -> None:

@@ -1,7 +1,7 @@
 """Export generated molecules to XYZ and SDF files, and read XYZ files back.
 
 Molecules are pairs ``(z, pos)``: atomic numbers ``[n]`` and positions ``[n, 3]`` in
-Angstrom, as used by :mod:`canonwrap.metrics.molecules`. XYZ needs no extra dependency;
+Angstrom, as used by ``canonwrap.metrics.molecules``. XYZ needs no extra dependency;
 SDF goes through RDKit (``pip install canonwrap[molecules]``).
 """
 
@@ -159,10 +159,11 @@ def write_sdf(
 ) -> int:
     """Write molecules with their 3D coordinates and inferred bonds to an SDF file.
 
-    Bonds are those of :func:`canonwrap.metrics.molecules.build_molecule`. Molecules that
-    RDKit sanitizes are written sanitized (aromatic rings kekulized in the file); those that
-    fail sanitization are still written, unsanitized, so that every input gives a record.
-    Each record carries the property ``canonwrap_sanitized`` (``1`` or ``0``).
+    Bonds are those of
+    [`canonwrap.metrics.molecules.build_molecule`][canonwrap.metrics.build_molecule]. Molecules that
+    RDKit sanitizes are written sanitized (aromatic rings kekulized in the file); those that fail
+    sanitization are still written, unsanitized, so that every input gives a record. Each record
+    carries the property ``canonwrap_sanitized`` (``1`` or ``0``).
 
     Parameters
     ----------
@@ -170,7 +171,7 @@ def write_sdf(
         Output file (overwritten).
     molecules : iterable of (z, pos)
         Atomic numbers ``[n]`` and positions ``[n, 3]`` in Angstrom; elements must be in
-        :data:`canonwrap.metrics.molecules.SUPPORTED_ELEMENTS`.
+        [`canonwrap.metrics.molecules.SUPPORTED_ELEMENTS`][canonwrap.metrics.SUPPORTED_ELEMENTS].
     names : sequence of str, optional
         Single-line record titles (default ``"molecule <index>"``).
 

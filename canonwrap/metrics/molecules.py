@@ -300,7 +300,9 @@ def get_bond_order(atom1: str | int, atom2: str | int, distance: float) -> int:
 
     Parameters
     ----------
-    atom1, atom2 : str or int
+    atom1 : str or int
+        Element symbols (``"C"``) or atomic numbers (``6``).
+    atom2 : str or int
         Element symbols (``"C"``) or atomic numbers (``6``).
     distance : float
         Interatomic distance in Angstrom.
@@ -344,8 +346,8 @@ def bond_order_matrix(z: Any, pos: Any) -> np.ndarray:
     Returns
     -------
     numpy.ndarray
-        Symmetric ``int64`` matrix ``[n, n]`` of orders 0-3 (see :func:`get_bond_order`)
-        with a zero diagonal.
+        Symmetric ``int64`` matrix ``[n, n]`` of orders 0-3 (see
+        [`get_bond_order`][canonwrap.metrics.get_bond_order]) with a zero diagonal.
 
     Raises
     ------
@@ -368,8 +370,8 @@ def check_stability(z: Any, pos: Any) -> tuple[bool, int, int]:
     """EDM's stability check of one molecule.
 
     An atom is stable iff the sum of the orders of its bonds equals its allowed valence
-    (:data:`ALLOWED_VALENCES`: H 1, C 4, N 3, O 2, F 1, ...); the molecule is stable iff all
-    its atoms are.
+    ([`ALLOWED_VALENCES`][canonwrap.metrics.ALLOWED_VALENCES]: H 1, C 4, N 3, O 2, F 1, ...); the
+    molecule is stable iff all its atoms are.
 
     Parameters
     ----------
@@ -422,7 +424,8 @@ def _build(z: np.ndarray, pos: np.ndarray, orders: np.ndarray, add_conformer: bo
 
 
 def build_molecule(z: Any, pos: Any, *, add_conformer: bool = True) -> Chem.Mol:
-    """RDKit molecule with the bonds inferred by :func:`get_bond_order` (unsanitized).
+    """RDKit molecule with the bonds inferred by
+    [`get_bond_order`][canonwrap.metrics.get_bond_order] (unsanitized).
 
     Parameters
     ----------
@@ -438,8 +441,8 @@ def build_molecule(z: Any, pos: Any, *, add_conformer: bool = True) -> Chem.Mol:
     -------
     rdkit.Chem.Mol
         Neutral atoms, one per input atom in the same order, and single/double/triple bonds.
-        The molecule is **not** sanitized; see :func:`mol_to_smiles` and
-        :func:`check_validity`.
+        The molecule is **not** sanitized; see [`mol_to_smiles`][canonwrap.metrics.mol_to_smiles]
+        and [`check_validity`][canonwrap.metrics.check_validity].
 
     Raises
     ------
@@ -461,7 +464,7 @@ def mol_to_smiles(mol: Chem.Mol, *, remove_hs: bool = False) -> str | None:
     Parameters
     ----------
     mol : rdkit.Chem.Mol
-        Molecule, for instance from :func:`build_molecule`.
+        Molecule, for instance from [`build_molecule`][canonwrap.metrics.build_molecule].
     remove_hs : bool, default False
         Remove hydrogen atoms before writing (``"C"`` instead of ``"[H]C([H])([H])[H]"``).
 
@@ -508,8 +511,9 @@ def _validity(
 def check_validity(z: Any, pos: Any, *, remove_hs: bool = False) -> tuple[str | None, bool]:
     """EDM's validity check of one molecule.
 
-    The molecule of :func:`build_molecule` is sanitized with RDKit; if that succeeds it is
-    valid and its SMILES is the canonical SMILES of its largest fragment (by number of atoms).
+    The molecule of [`build_molecule`][canonwrap.metrics.build_molecule] is sanitized with RDKit; if
+    that succeeds it is valid and its SMILES is the canonical SMILES of its largest fragment (by
+    number of atoms).
 
     Parameters
     ----------
@@ -539,7 +543,8 @@ def check_validity(z: Any, pos: Any, *, remove_hs: bool = False) -> tuple[str | 
 
 
 def canonicalize_smiles(smiles: str, *, remove_hs: bool = False) -> str | None:
-    """Rewrite a SMILES string in the convention of :func:`check_validity`.
+    """Rewrite a SMILES string in the convention of
+    [`check_validity`][canonwrap.metrics.check_validity].
 
     The string is parsed, stereochemistry is removed (bonds inferred from distances carry
     none) and hydrogens are made explicit atoms (``remove_hs=False``) or removed.
@@ -606,9 +611,9 @@ def evaluate(
     remove_hs : bool, default False
         SMILES without hydrogen atoms (default: hydrogens kept as ``[H]`` atoms, as EDM).
     canonicalize_train : bool, default True
-        Rewrite ``train_smiles`` with :func:`canonicalize_smiles` in the same convention
-        before comparing (entries RDKit cannot parse are kept verbatim). ``False`` compares
-        the raw strings, as EDM did with a list built by its own pipeline.
+        Rewrite ``train_smiles`` with [`canonicalize_smiles`][canonwrap.metrics.canonicalize_smiles]
+        in the same convention before comparing (entries RDKit cannot parse are kept verbatim).
+        ``False`` compares the raw strings, as EDM did with a list built by its own pipeline.
     progress : bool, default False
         Show a ``tqdm`` progress bar.
 

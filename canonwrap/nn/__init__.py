@@ -1,4 +1,5 @@
-"""Reference networks and blocks: GDM's GNN, EDM's EGNN (single and multi-channel), a transformer, a UNet."""
+"""Reference networks and blocks: GDM's GNN, EDM's EGNN (single and multi-channel), a transformer, a
+UNet."""
 
 from canonwrap.nn.egnn import EGNN, EGNNDenoiser, EGNNLayer, EquivariantUpdate
 from canonwrap.nn.gnn import GCL, GNN, GNNDenoiser

@@ -93,21 +93,21 @@ class UNet(nn.Module):
 
     Parameters
     ----------
-    in_channels:
+    in_channels
         Image channels ``C`` (also the output channels unless ``out_channels`` is given).
-    base_width:
+    base_width
         Width of the first level.
-    channel_mults:
+    channel_mults
         Width multiplier per level.
-    num_res_blocks:
+    num_res_blocks
         Residual blocks per level on the way down (one more on the way up, as in DDPM).
-    attention:
+    attention
         Self-attention at the lowest resolution.
-    dropout:
+    dropout
         Dropout inside residual blocks.
-    groups:
+    groups
         GroupNorm groups (reduced to a divisor of each width).
-    out_channels:
+    out_channels
         Output channels; defaults to ``in_channels``.
 
     Examples
