@@ -30,7 +30,6 @@ from __future__ import annotations
 import csv
 import importlib.metadata as importlib_metadata
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -41,6 +40,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 from torch_geometric.data import Data
+
+from canonwrap._io import atomic_torch_save
 
 __all__ = [
     "QM9",
@@ -393,25 +394,6 @@ def _cache_file(root: Path, limit: int | None) -> Path:
     return root / f"qm9pack_v{_CACHE_FORMAT}{suffix}.pt"
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in ``path``'s folder, then ``os.replace`` it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _load_qm9pack_store(
     root: str | os.PathLike[str] | None = None, limit: int | None = None, progress: bool = True
 ) -> Store:
@@ -456,7 +438,7 @@ def _load_qm9pack_store(
     store = _parse_qm9pack_csvs(paths, limit=limit, progress=progress)
     obj = dict(store, format=_CACHE_FORMAT, fingerprint=_qm9pack_fingerprint(paths), limit=limit)
     try:
-        _atomic_torch_save(obj, path)
+        atomic_torch_save(obj, path, permissions=0o644)  # a cache others may read
     except OSError as err:
         warnings.warn(f"could not write QM9 cache {path}: {err}", stacklevel=3)
     return store
