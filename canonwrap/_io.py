@@ -26,7 +26,7 @@ def atomic_open(
     ----------
     path : path
         Target file; missing parent folders are created.
-    mode : {"wb", "w"}, default "wb"
+    mode : Literal["wb", "w"], default "wb"
         Binary or text (UTF-8) writing.
     permissions : int, optional
         ``chmod`` the file to these bits before it is renamed (``mkstemp`` creates ``0o600``

@@ -5,8 +5,9 @@ variables the diffusion acts on, and back. It also knows how to draw noise in th
 subspace, how to sum over the entries of one sample, and how many dimensions one sample
 has (which enters the likelihood).
 
-- :class:`TensorSpace`: plain tensors ``[B, ...]``; the state is ``(x,)``.
-- :class:`PointCloudSpace`: ``torch_geometric`` batches with ``pos [N, 3]`` and optional
+- [`TensorSpace`][canonwrap.spaces.TensorSpace]: plain tensors ``[B, ...]``; the state is ``(x,)``.
+- [`PointCloudSpace`][canonwrap.spaces.PointCloudSpace]: ``torch_geometric`` batches with
+``pos [N, 3]`` and optional
   node features ``x [N, F]``; the state is ``(pos, h)``. Positions live in the zero centre
   of mass subspace of each graph (dimension ``(n - 1) * 3``), features are unconstrained.
 """
@@ -171,11 +172,11 @@ class PointCloudSpace(Space):
 
     Parameters
     ----------
-    num_features:
+    num_features
         ``F``, the number of continuous node features diffused with the positions
         (0 for bare point clouds). Only needed to draw samples from scratch; for data it is
         read off ``x``.
-    feature_key:
+    feature_key
         Attribute holding the node features.
     """
 
@@ -382,11 +383,11 @@ class MoleculeSpace(PointCloudSpace):
 
     Parameters
     ----------
-    atom_types:
+    atom_types
         Atomic numbers of the one-hot columns, e.g. ``(1, 6, 7, 8, 9)``.
-    include_charges:
+    include_charges
         Whether the last feature column is the scaled charge.
-    node_counts:
+    node_counts
         Distribution of molecule sizes (for sampling sizes and for ``-log p(N)``).
     """
 

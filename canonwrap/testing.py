@@ -4,8 +4,8 @@ Every check draws random group elements (Haar-random where the group is compact)
 them to the input and compares both sides, reporting the largest error found. Tolerances
 depend on the dtype: about ``1e-9`` in float64 and ``1e-4`` in float32 by default.
 
-Example
--------
+Examples
+--------
 >>> import torch
 >>> from canonwrap.groups import SO3
 >>> from canonwrap.testing import assert_invariant

@@ -40,7 +40,7 @@ class DiscreteRotationCanonicalizer(Canonicalizer):
     """C_n canonicalizer for square images ``[B, C, H, H]`` with an escnn scoring network.
 
     Scoring network
-        ``layers`` steerable convolutions of kernel ``kernel_size`` (stride 1, "same"
+    :   ``layers`` steerable convolutions of kernel ``kernel_size`` (stride 1, "same"
         padding): ``C`` trivial fields -> ``hidden`` regular fields -> ... -> one regular
         field (``n`` channels), with a pointwise ELU between them (pointwise maps commute
         with the channel permutations of regular fields). After each of the first
@@ -49,7 +49,7 @@ class DiscreteRotationCanonicalizer(Canonicalizer):
         final grid, giving ``scores [B, n]``.
 
     Grid handling (exact for 90-degree rotations)
-        ``torch.rot90`` rotates an ``H x H`` array about its centre ``(H - 1) / 2``. On an
+    :   ``torch.rot90`` rotates an ``H x H`` array about its centre ``(H - 1) / 2``. On an
         even grid that centre falls between pixels, and a stride-2 pooling samples a set
         of pixels that a 90-degree rotation does not map to itself. The scoring network
         therefore (1) maps an even grid onto an odd one by a 2x2 box average of stride 1
@@ -68,7 +68,7 @@ class DiscreteRotationCanonicalizer(Canonicalizer):
         only approximately shifted.
 
     Direction convention
-        Element ``k`` is the counter-clockwise rotation (as displayed, row 0 on top) by
+    :   Element ``k`` is the counter-clockwise rotation (as displayed, row 0 on top) by
         ``2 pi k / n``, as in [`CyclicRotations`][canonwrap.groups.CyclicRotations]. escnn's action
         of element ``k`` of ``rot2dOnR2(N=n)`` on a field over the grid agrees with this
         (``k = n / 4`` is ``torch.rot90(x, 1, dims=(-2, -1))``), and it maps channel ``j`` of a
@@ -76,7 +76,7 @@ class DiscreteRotationCanonicalizer(Canonicalizer):
         ``h(g . x) = g + h(x) (mod n)`` with no re-indexing.
 
     Straight-through estimator
-        The arg-max is piecewise constant, so the canonical image is computed as:
+    :   The arg-max is piecewise constant, so the canonical image is computed as:
 
             p = softmax(scores / temperature)             # [B, n]
             w = one_hot(k*) + (p - p.detach())            # [B, n]; value: exactly one_hot
@@ -90,7 +90,7 @@ class DiscreteRotationCanonicalizer(Canonicalizer):
         are recorded; under ``torch.no_grad`` only the chosen rotation is computed.
 
     Prior
-        With ``prior_weight > 0``,
+    :   With ``prior_weight > 0``,
         [`CanonOutput.prior_loss`][canonwrap.canonicalizers.CanonOutput.prior_loss] is
         ``prior_weight * cross_entropy(scores / temperature, 0)``: a pull of the chosen element
         towards the identity (equiadapt's prior regularisation), already weighted, so a training

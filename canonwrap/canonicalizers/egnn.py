@@ -43,7 +43,9 @@ def frame_from_vectors(
 
     Parameters
     ----------
-    u1, u2 : Tensor
+    u1 : Tensor
+        ``[B, 3]``.
+    u2 : Tensor
         ``[B, 3]``.
     eps : float
         Absolute threshold on vector norms, in the units of ``u``.
@@ -76,12 +78,12 @@ def frame_from_vectors(
 class EGNNCanonicalizer(Canonicalizer):
     """Learned SO(3) canonicalizer: a multi-channel EGNN predicts two vectors per molecule.
 
-    A :class:`~canonwrap.nn.egnn.EGNN` with ``C = vector_channels`` vector channels per node
+    A [`EGNN`][canonwrap.nn.EGNN] with ``C = vector_channels`` vector channels per node
     (Levy et al. 2023) runs on the centred positions and the node features ``x`` of each
     molecule (fully connected graph). Its invariant read-out gives ``2 C`` scalars per node,
     ``s_i [C, 2]``, and the two vectors per molecule are the equivariant, permutation
     invariant pool ``u_k = sum_i sum_c s_i[c, k] (X_i^c - mean_j X_j^c)``. The frame
-    ``R = [e1, e2, e3]`` comes from :func:`frame_from_vectors` (Gram-Schmidt, then
+    ``R = [e1, e2, e3]`` comes from ``frame_from_vectors`` (Gram-Schmidt, then
     ``e3 = e1 x e2``), the element is ``R`` and the canonical pose is ``R^T (pos - mean)``.
     ``normalize`` is centring; ``prior_loss`` is ``None``. Gradients reach the parameters
     through ``R``.
@@ -98,7 +100,7 @@ class EGNNCanonicalizer(Canonicalizer):
     - one atom, or all atoms coincident: ``u1 = 0``, the frame is the identity;
     - collinear molecules, among them every two-atom molecule: both vectors lie on the
       molecule's axis (the network is also reflection-equivariant), so ``e2`` falls back
-      to a fixed rule (see :func:`frame_from_vectors`). No rotation-equivariant frame
+      to a fixed rule (see ``frame_from_vectors``). No rotation-equivariant frame
       exists for them: ``R`` is equivariant only up to a rotation about the axis, while
       the canonical positions (all on the ``e1`` axis) stay invariant;
     - molecules whose symmetry leaves no vector fixed (e.g. a perfect tetrahedron) pool to
@@ -110,16 +112,30 @@ class EGNNCanonicalizer(Canonicalizer):
     ----------
     num_features : int
         ``F``, the width of ``data.x`` (0: the network sees positions only).
-    hidden, layers : int
+    hidden : int
+        Width and depth of the EGNN (published size: 64 x 9).
+    layers : int
         Width and depth of the EGNN (published size: 64 x 9).
     vector_channels : int
         ``C``, vector channels per node.
-    inv_sublayers, attention, tanh, coords_range, norm_constant, normalization_factor
-        See :class:`~canonwrap.nn.egnn.EGNN` (EDM's defaults).
-    aggregation : {'sum', 'mean'}
+    inv_sublayers
+        See [`EGNN`][canonwrap.nn.EGNN] (EDM's defaults).
+    attention
+        See [`EGNN`][canonwrap.nn.EGNN] (EDM's defaults).
+    tanh
+        See [`EGNN`][canonwrap.nn.EGNN] (EDM's defaults).
+    coords_range
+        See [`EGNN`][canonwrap.nn.EGNN] (EDM's defaults).
+    norm_constant
+        See [`EGNN`][canonwrap.nn.EGNN] (EDM's defaults).
+    normalization_factor
+        See [`EGNN`][canonwrap.nn.EGNN] (EDM's defaults).
+    aggregation : Literal['sum', 'mean']
         Message aggregation (EDM: ``'sum'`` divided by ``normalization_factor = 1``).
-    eps, parallel_tol : float
-        Thresholds of the degenerate-case fallbacks, see :func:`frame_from_vectors`.
+    eps : float
+        Thresholds of the degenerate-case fallbacks, see ``frame_from_vectors``.
+    parallel_tol : float
+        Thresholds of the degenerate-case fallbacks, see ``frame_from_vectors``.
     """
 
     def __init__(
@@ -165,7 +181,8 @@ class EGNNCanonicalizer(Canonicalizer):
     def vectors(self, data: Any) -> Tensor:
         """The two pooled equivariant vectors per molecule, ``[B, 3, 2]``.
 
-        ``data`` must be centred (see :meth:`normalize`).
+        ``data`` must be centred (see
+        [`normalize`][canonwrap.canonicalizers.EGNNCanonicalizer.normalize]).
         """
         batch = graph_index(data)
         b = num_samples(data)

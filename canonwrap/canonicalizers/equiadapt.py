@@ -18,7 +18,7 @@ equiadapt is optional and not imported by ``import canonwrap``. Import the adapt
 when an adapter is built.
 
 Installing equiadapt
-    equiadapt 0.1.2 imports torchvision at module level (``torchvision.transforms`` in its
+:   equiadapt 0.1.2 imports torchvision at module level (``torchvision.transforms`` in its
     image canonicalizers) and needs kornia, e2cnn, omegaconf and hydra-core. The PyPI
     torchvision wheels are built against the CUDA builds of torch, so they do not import
     beside a CPU-only torch (``operator torchvision::nms does not exist``). The project's

@@ -10,7 +10,8 @@ Molecules are returned as ``torch_geometric.data.Data`` objects with
 * ``z``: ``LongTensor [n]``, atomic numbers (H=1, C=6, N=7, O=8, F=9);
 * ``pos``: ``FloatTensor [n, 3]``, coordinates in Angstrom with the centre of geometry
   subtracted per molecule (EDM's zero-mean projection);
-* ``x``: ``FloatTensor [n, 6]`` (``[n, 5]`` without hydrogens), see :func:`qm9_features`;
+* ``x``: ``FloatTensor [n, 6]`` (``[n, 5]`` without hydrogens), see
+[`qm9_features`][canonwrap.data.qm9_features];
 * ``idx``: ``int``, position of the molecule in the full 130,831-molecule set;
 * ``gdb_idx``: ``int``, the 1-based QM9 molecule number (``dsgdb9nsd_<gdb_idx>.xyz``);
 * ``smiles``: ``str``.
@@ -133,7 +134,8 @@ def qm9_features(z: Tensor | Sequence[int], remove_h: bool = False) -> Tensor:
 
 
 def _features_unchecked(z: Tensor, types: tuple[int, ...]) -> Tensor:
-    """:func:`qm9_features` without validation; ``z`` long ``[n]`` already known valid."""
+    """[`qm9_features`][canonwrap.data.qm9_features] without validation; ``z`` long ``[n]`` already
+    known valid."""
     one_hot = (z.unsqueeze(-1) == torch.tensor(types, dtype=torch.long)).to(torch.float32)
     charge = z.to(torch.float32).unsqueeze(-1)
     return torch.cat([one_hot / ONE_HOT_SCALE, charge / CHARGE_SCALE], dim=-1)
@@ -406,7 +408,7 @@ def _load_qm9pack_store(
     Parameters
     ----------
     root : path, optional
-        Cache folder; defaults to :func:`default_cache_dir`.
+        Cache folder; defaults to ``default_cache_dir``.
     limit : int, optional
         Parse only the first ``limit`` molecules, cached in a separate file (testing hook).
     progress : bool, default True
@@ -526,16 +528,16 @@ class QM9(Dataset):
 
     Parameters
     ----------
-    split : {"train", "valid", "test"}, default "train"
-        EDM split: 100,000 / 17,748 / 13,083 molecules (see :func:`qm9_split_indices`).
+    split : Literal["train", "valid", "test"], default "train"
+        EDM split: 100,000 / 17,748 / 13,083 molecules (see ``qm9_split_indices``).
     remove_h : bool, default False
         Drop hydrogen atoms; ``x`` then one-hot encodes C, N, O, F only (``[n, 5]``) and
         positions are centred on the heavy atoms.
     root : path, optional
-        For ``source="qm9pack"`` the cache folder (default :func:`default_cache_dir`,
+        For ``source="qm9pack"`` the cache folder (default ``default_cache_dir``,
         i.e. ``$CANONWRAP_CACHE/qm9`` or ``~/.cache/canonwrap/qm9``); for ``source="pyg"``
         the (required) folder of an already downloaded ``torch_geometric.datasets.QM9``.
-    source : {"qm9pack", "pyg"}, default "qm9pack"
+    source : Literal["qm9pack", "pyg"], default "qm9pack"
         Where the molecules come from. ``"qm9pack"`` parses the CSVs shipped in the
         ``qm9pack`` package once and caches concatenated tensors on disk; ``"pyg"`` reads a
         torch_geometric QM9 folder and never downloads.
@@ -548,9 +550,9 @@ class QM9(Dataset):
     -----
     Each item is a ``Data`` with ``z`` long ``[n]``, ``pos`` float32 ``[n, 3]`` (Angstrom,
     centre of geometry removed), ``x`` float32 ``[n, 6]`` or ``[n, 5]``
-    (:func:`qm9_features`), ``idx`` (int, position in the full 130,831-molecule set),
-    ``gdb_idx`` (int, 1-based QM9 number) and ``smiles`` (str; the single SMILES column of
-    qm9pack, or RDKit SMILES for ``source="pyg"``).
+    ([`qm9_features`][canonwrap.data.qm9_features]), ``idx`` (int, position in the full
+    130,831-molecule set), ``gdb_idx`` (int, 1-based QM9 number) and ``smiles`` (str; the single
+    SMILES column of qm9pack, or RDKit SMILES for ``source="pyg"``).
 
     Indexing with an int gives one molecule; a slice, index sequence, boolean mask or
     integer array gives a new ``QM9`` view on those molecules (sharing memory).

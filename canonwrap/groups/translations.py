@@ -11,8 +11,9 @@ from canonwrap.groups.base import Group
 class Translations(Group):
     """Translations of R^3; elements are vectors ``[B, 3]``.
 
-    The group is not compact, so it has no Haar probability measure: :meth:`random` draws
-    from a wide Gaussian (``scale``), which is what invariance tests need.
+    The group is not compact, so it has no Haar probability measure:
+    [`random`][canonwrap.groups.Translations.random] draws from a wide Gaussian (``scale``), which
+    is what invariance tests need.
     """
 
     name = "T(3)"

@@ -16,42 +16,42 @@ E(3) equivariant diffusion model's QM9 evaluation (``qm9/bond_analyze.py`` and
 Definitional notes
 ------------------
 Elements
-    Any element with an entry in the single-bond table is accepted: H, B, C, N, O, F, Si, P,
+:   Any element with an entry in the single-bond table is accepted: H, B, C, N, O, F, Si, P,
     S, Cl, As, Br, I. The QM9 evaluation only ever sees H, C, N, O, F; for the other elements
     the valences are EDM's own ``allowed_bonds`` values (B 3, Si 4, P 3 or 5, S 4, Cl 1,
     As 3, Br 1, I 1) and the bond rule is the same distance rule (EDM's GEOM evaluation uses
     a different predictor that is not reproduced here). Other atomic numbers raise
     ``ValueError``.
 Missing pairs
-    A pair of accepted elements without a single-bond length (for example B--C) never bonds
+:   A pair of accepted elements without a single-bond length (for example B--C) never bonds
     (EDM's ``check_exists`` behaviour). All pairs among H, C, N, O, F are tabulated.
 Symmetry
-    The tables are symmetric. EDM's double-bond table has C--S but lacks the S--C entry, so
+:   The tables are symmetric. EDM's double-bond table has C--S but lacks the S--C entry, so
     its result depended on argument order; here C--S may always be double, which is what EDM
     gives when the lighter element comes first, as in its RDKit path (pairs sorted by type).
 Distances
-    Computed in float64 and compared in picometres (``100 * distance``) with strict ``<``.
+:   Computed in float64 and compared in picometres (``100 * distance``) with strict ``<``.
     EDM used the input's precision (often float32); results can differ only for distances
     within rounding error of a threshold.
 Implicit hydrogens
-    As in EDM, atoms are created with RDKit's default implicit-hydrogen handling, so
+:   As in EDM, atoms are created with RDKit's default implicit-hydrogen handling, so
     sanitization fills under-bonded atoms with implicit hydrogens. An under-bonded molecule
     is therefore often *valid* while not stable; only over-bonded atoms (or unkekulizable
     rings) make it invalid.
 SMILES
-    By default the SMILES keeps the hydrogen atoms of the 3D structure as explicit ``[H]``
+:   By default the SMILES keeps the hydrogen atoms of the 3D structure as explicit ``[H]``
     atoms, which is exactly the string EDM compared (methane is ``[H]C([H])([H])[H]``). With
     ``remove_hs=True`` the hydrogens are removed first (methane is ``C``); molecules that
     EDM counts as distinct (same heavy-atom graph, different split between explicit and
     implicit hydrogens) then merge. Bond orders come only from distances; no chirality or
     double-bond stereo is ever assigned.
 Novelty
-    EDM compared raw strings with a training list produced by the same pipeline. Here the
+:   EDM compared raw strings with a training list produced by the same pipeline. Here the
     training SMILES are by default re-written in the same convention (parse, drop stereo,
     add or remove hydrogens, canonical SMILES), so that ordinary dataset SMILES such as
     ``"CCO"`` match; pass ``canonicalize_train=False`` for EDM's raw comparison.
 Empty results
-    As in EDM, uniqueness is 0.0 when no molecule is valid and novelty is 0.0 when a
+:   As in EDM, uniqueness is 0.0 when no molecule is valid and novelty is 0.0 when a
     training list is given but no molecule is valid.
 """
 

@@ -108,7 +108,7 @@ class EquivariantUpdate(nn.Module):
         edge_index : Tensor
             ``[2, E]``; updates are aggregated onto ``edge_index[0]``.
         unit : Tensor
-            Normalised differences ``[E, 3, C]`` (see :func:`edge_geometry`).
+            Normalised differences ``[E, 3, C]`` (see ``edge_geometry``).
         edge_attr : Tensor
             Invariant edge attributes ``[E, A]``.
 
@@ -130,8 +130,8 @@ class EGNNLayer(nn.Module):
 
     Computes the edge invariants once, ``a_ij = [gram(X_i - X_j), e_ij]`` with ``e_ij`` the
     fixed edge attributes passed in (EDM: squared distances of the input positions), runs
-    ``inv_sublayers`` invariant :class:`~canonwrap.nn.gnn.GCL` updates of ``h`` and then one
-    :class:`EquivariantUpdate` of ``X``.
+    ``inv_sublayers`` invariant [`GCL`][canonwrap.nn.GCL] updates of ``h`` and then one
+    [`EquivariantUpdate`][canonwrap.nn.EquivariantUpdate] of ``X``.
 
     Parameters
     ----------
@@ -143,7 +143,17 @@ class EGNNLayer(nn.Module):
         ``C`` (1 gives EDM's EGNN).
     inv_sublayers : int
         Invariant sublayers per block (EDM's QM9 setting: 1).
-    attention, tanh, coords_range, norm_constant, normalization_factor, aggregation
+    attention
+        As in EDM; ``coords_range`` is per layer here (EDM passes ``coords_range / layers``).
+    tanh
+        As in EDM; ``coords_range`` is per layer here (EDM passes ``coords_range / layers``).
+    coords_range
+        As in EDM; ``coords_range`` is per layer here (EDM passes ``coords_range / layers``).
+    norm_constant
+        As in EDM; ``coords_range`` is per layer here (EDM passes ``coords_range / layers``).
+    normalization_factor
+        As in EDM; ``coords_range`` is per layer here (EDM passes ``coords_range / layers``).
+    aggregation
         As in EDM; ``coords_range`` is per layer here (EDM passes ``coords_range / layers``).
     """
 
@@ -187,23 +197,37 @@ class EGNNLayer(nn.Module):
 
 
 class EGNN(nn.Module):
-    """A stack of :class:`EGNNLayer`: ``(h, pos) -> (h_out, X)``.
+    """A stack of [`EGNNLayer`][canonwrap.nn.EGNNLayer]: ``(h, pos) -> (h_out, X)``.
 
     The input positions are copied into all ``C`` channels; the fixed edge attribute of
     every layer is the squared distance of the input positions (EDM).
 
     Parameters
     ----------
-    in_features, out_features : int
+    in_features : int
         Node input and output widths of the invariant stream.
-    hidden, layers : int
+    out_features : int
+        Node input and output widths of the invariant stream.
+    hidden : int
+        Width and number of blocks.
+    layers : int
         Width and number of blocks.
     vector_channels : int
         ``C``.
     coords_range : float
         Total coordinate range; each layer gets ``coords_range / layers`` (EDM: 15).
-    inv_sublayers, attention, tanh, norm_constant, normalization_factor, aggregation
-        See :class:`EGNNLayer`.
+    inv_sublayers
+        See [`EGNNLayer`][canonwrap.nn.EGNNLayer].
+    attention
+        See [`EGNNLayer`][canonwrap.nn.EGNNLayer].
+    tanh
+        See [`EGNNLayer`][canonwrap.nn.EGNNLayer].
+    norm_constant
+        See [`EGNNLayer`][canonwrap.nn.EGNNLayer].
+    normalization_factor
+        See [`EGNNLayer`][canonwrap.nn.EGNNLayer].
+    aggregation
+        See [`EGNNLayer`][canonwrap.nn.EGNNLayer].
     """
 
     def __init__(
@@ -251,7 +275,7 @@ class EGNN(nn.Module):
         pos : Tensor
             Positions ``[N, 3]``.
         edge_index : Tensor
-            ``[2, E]``, e.g. from :func:`~canonwrap.nn.graph.fully_connected_edges`.
+            ``[2, E]``, e.g. from [`fully_connected_edges`][canonwrap.nn.fully_connected_edges].
 
         Returns
         -------
@@ -272,24 +296,36 @@ class EGNN(nn.Module):
 class EGNNDenoiser(nn.Module):
     """EDM's equivariant noise predictor ``denoiser(z_t, t) -> [N, 3 + F]``.
 
-    Invariant input per node ``h_i = [x_i, t]``; after the :class:`EGNN` the position noise
-    is ``X_final - pos`` projected to zero centre of mass per graph and the feature noise is
-    the invariant read-out (EDM's ``EGNN_dynamics_QM9``, ``mode="egnn_dynamics"``; EDM's
-    extra read-out channel for time, which it discards, is simply not built). Messages are
-    summed with the constant ``normalization_factor = 1`` (EDM's QM9 setting).
+    Invariant input per node ``h_i = [x_i, t]``; after the [`EGNN`][canonwrap.nn.EGNN] the position
+    noise is ``X_final - pos`` projected to zero centre of mass per graph and the feature noise is
+    the invariant read-out (EDM's ``EGNN_dynamics_QM9``, ``mode="egnn_dynamics"``; EDM's extra
+    read-out channel for time, which it discards, is simply not built). Messages are summed with the
+    constant ``normalization_factor = 1`` (EDM's QM9 setting).
 
     Parameters
     ----------
     num_features : int
         ``F`` (QM9: 6).
-    hidden, layers : int
+    hidden : int
+        Width and depth (published size: 256 x 9).
+    layers : int
         Width and depth (published size: 256 x 9).
     vector_channels : int
         Vector channels per node (1 is EDM; more gives Levy et al.'s multi-channel EGNN;
         the position noise is read from channel 0).
-    inv_sublayers, attention, tanh, coords_range, norm_constant, normalization_factor
-        See :class:`EGNN`.
-    aggregation : {'sum', 'mean'}
+    inv_sublayers
+        See [`EGNN`][canonwrap.nn.EGNN].
+    attention
+        See [`EGNN`][canonwrap.nn.EGNN].
+    tanh
+        See [`EGNN`][canonwrap.nn.EGNN].
+    coords_range
+        See [`EGNN`][canonwrap.nn.EGNN].
+    norm_constant
+        See [`EGNN`][canonwrap.nn.EGNN].
+    normalization_factor
+        See [`EGNN`][canonwrap.nn.EGNN].
+    aggregation : Literal['sum', 'mean']
         Message aggregation (EDM: ``'sum'`` divided by ``normalization_factor = 1``).
     """
 

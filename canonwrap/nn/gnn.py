@@ -38,8 +38,10 @@ class GCL(nn.Module):
         Width ``A`` of the edge attributes ``a_ij`` (0 for none).
     attention : bool
         Gate each message by ``sigmoid(Linear(m_ij))`` (EDM's QM9 setting: ``True``).
-    normalization_factor, aggregation
-        How messages are aggregated, see :func:`canonwrap.nn.graph.aggregate`.
+    normalization_factor
+        How messages are aggregated, see [`canonwrap.nn.graph.aggregate`][canonwrap.nn.aggregate].
+    aggregation
+        How messages are aggregated, see [`canonwrap.nn.graph.aggregate`][canonwrap.nn.aggregate].
     """
 
     def __init__(
@@ -92,18 +94,27 @@ class GCL(nn.Module):
 
 
 class GNN(nn.Module):
-    """EDM's plain ``GNN``: embedding, ``layers`` residual :class:`GCL`, linear read-out.
+    """EDM's plain ``GNN``: embedding, ``layers`` residual [`GCL`][canonwrap.nn.GCL], linear
+    read-out.
 
     Parameters
     ----------
-    in_features, out_features : int
+    in_features : int
         Input and output widths per node.
-    hidden, layers : int
-        Width and number of :class:`GCL` layers.
+    out_features : int
+        Input and output widths per node.
+    hidden : int
+        Width and number of [`GCL`][canonwrap.nn.GCL] layers.
+    layers : int
+        Width and number of [`GCL`][canonwrap.nn.GCL] layers.
     edge_features : int
         Width of the edge attributes passed to every layer (0 for none).
-    attention, normalization_factor, aggregation
-        Passed to each :class:`GCL`.
+    attention
+        Passed to each [`GCL`][canonwrap.nn.GCL].
+    normalization_factor
+        Passed to each [`GCL`][canonwrap.nn.GCL].
+    aggregation
+        Passed to each [`GCL`][canonwrap.nn.GCL].
     """
 
     def __init__(
@@ -136,10 +147,10 @@ class GNN(nn.Module):
 class GNNDenoiser(nn.Module):
     """GDM: a non-equivariant noise predictor ``denoiser(z_t, t) -> [N, 3 + F]``.
 
-    Per node the input is ``[pos_i, x_i, t]`` (``3 + F + 1`` numbers); a :class:`GNN` runs
-    on the fully connected graph of each molecule and its output ``[N, 3 + F]`` is the
-    predicted noise: positions first, projected to zero centre of mass per graph (as EDM
-    does), then features.
+    Per node the input is ``[pos_i, x_i, t]`` (``3 + F + 1`` numbers); a [`GNN`][canonwrap.nn.GNN]
+    runs on the fully connected graph of each molecule and its output ``[N, 3 + F]`` is the
+    predicted noise: positions first, projected to zero centre of mass per graph (as EDM does), then
+    features.
 
     Design choices (all EDM's QM9 defaults): messages are summed and divided by the
     constant ``normalization_factor = 1`` (``aggregation="mean"`` divides by the node
@@ -150,12 +161,18 @@ class GNNDenoiser(nn.Module):
     ----------
     num_features : int
         ``F``, the width of ``z_t.x`` (QM9: 6).
-    hidden, layers : int
+    hidden : int
+        Width and depth (published size: 256 x 9).
+    layers : int
         Width and depth (published size: 256 x 9).
     distance_features : bool
         Add squared pairwise distances as edge attributes (not in EDM's GDM).
-    attention, normalization_factor, aggregation
-        See :class:`GCL`.
+    attention
+        See [`GCL`][canonwrap.nn.GCL].
+    normalization_factor
+        See [`GCL`][canonwrap.nn.GCL].
+    aggregation
+        See [`GCL`][canonwrap.nn.GCL].
 
     Notes
     -----

@@ -136,8 +136,8 @@ class TransformerDenoiser(nn.Module):
     """Noise predictor ``denoiser(z_t, t) -> [N, 3 + F]`` with dense attention per sample.
 
     Tokens are ``Linear([pos_i, x_i])``; the time ``t`` enters through a sinusoidal
-    embedding and an MLP, and conditions every :class:`AdaLNBlock`. With
-    ``distance_bias=True`` each block adds its own :class:`DistanceBias` of the noisy
+    embedding and an MLP, and conditions every ``AdaLNBlock``. With
+    ``distance_bias=True`` each block adds its own ``DistanceBias`` of the noisy
     pairwise distances to the attention logits. The output head (adaptive LayerNorm,
     then a zero-initialised linear layer) gives ``[3 + F]`` per token: position noise,
     projected to zero centre of mass per sample, then feature noise.
@@ -160,8 +160,10 @@ class TransformerDenoiser(nn.Module):
         Feed-forward width relative to ``hidden``.
     distance_bias : bool
         Add a learned per-head function of pairwise distances to the attention logits.
-    num_basis, cutoff
-        Radial basis of the distance bias, see :class:`DistanceBias`.
+    num_basis
+        Radial basis of the distance bias, see ``DistanceBias``.
+    cutoff
+        Radial basis of the distance bias, see ``DistanceBias``.
     dropout : float
         Dropout in attention and feed-forward layers.
 
