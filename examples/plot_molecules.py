@@ -39,9 +39,14 @@ def _draw(ax, z, pos, title):
         for j in range(i + 1, n):
             if orders[i, j] > 0:
                 ax.plot(*p[[i, j]].T, color="#888888", linewidth=0.8 * orders[i, j])
-    ax.scatter(*p.T, c=[COLOURS.get(a, "#aa00aa") for a in z],
-               s=[SIZES.get(a, 50) for a in z], edgecolors="black", linewidths=0.3,
-               depthshade=False)
+    ax.scatter(
+        *p.T,
+        c=[COLOURS.get(a, "#aa00aa") for a in z],
+        s=[SIZES.get(a, 50) for a in z],
+        edgecolors="black",
+        linewidths=0.3,
+        depthshade=False,
+    )
     lim = max(2.5, float(abs(p).max()) + 0.3)
     for setter in (ax.set_xlim, ax.set_ylim, ax.set_zlim):
         setter(-lim, lim)
@@ -55,9 +60,13 @@ def _draw(ax, z, pos, title):
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="training folder of examples/qm9.py")
-    parser.add_argument("--png", required=True, help="figure to write")
-    parser.add_argument("--count", type=int, default=6, help="molecules per row")
+    parser.add_argument(
+        "--out", required=True, help="training folder of examples/qm9.py (holds checkpoints/)"
+    )
+    parser.add_argument("--png", required=True, help="figure (PNG) to write")
+    parser.add_argument(
+        "--count", type=int, default=6, help="molecules per row (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
 
     import matplotlib
@@ -76,8 +85,9 @@ def main(argv: list[str] | None = None) -> Path:
     picks = [test[i] for i in range(args.count)]
     with torch.no_grad():
         canon = model.canonicalize(Batch.from_data_list(picks)).canonical
-    rows = [("data, canonical pose", [(d.z, canon.pos[canon.batch == i])
-                                      for i, d in enumerate(picks)])]
+    rows = [
+        ("data, canonical pose", [(d.z, canon.pos[canon.batch == i]) for i, d in enumerate(picks)])
+    ]
     samples_path = run / "samples.pt"
     if samples_path.exists():
         s = torch.load(samples_path, weights_only=True)

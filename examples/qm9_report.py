@@ -18,13 +18,17 @@ from pathlib import Path
 PUBLISHED = {
     "gdm": dict(nll=-105.8, mol=70.6, atom=97.5, valid=88.6, unique=99.8, s_per_sample=0.55),
     "edm": dict(nll=-110.7, mol=82.0, atom=98.7, valid=91.9, unique=90.7, s_per_sample=1.16),
-    "canon-frozen-gdm": dict(nll=-104.1, mol=82.1, atom=97.8, valid=92.9, unique=99.5,
-                             s_per_sample=0.55),
-    "canon-gdm": dict(nll=-117.4, mol=84.6, atom=98.4, valid=94.4, unique=99.7,
-                      s_per_sample=0.55),
+    "canon-frozen-gdm": dict(
+        nll=-104.1, mol=82.1, atom=97.8, valid=92.9, unique=99.5, s_per_sample=0.55
+    ),
+    "canon-gdm": dict(nll=-117.4, mol=84.6, atom=98.4, valid=94.4, unique=99.7, s_per_sample=0.55),
 }
-LABELS = {"gdm": "GDM", "edm": "EDM", "canon-frozen-gdm": "canon(frozen)+GDM",
-          "canon-gdm": "canon+GDM"}
+LABELS = {
+    "gdm": "GDM",
+    "edm": "EDM",
+    "canon-frozen-gdm": "canon(frozen)+GDM",
+    "canon-gdm": "canon+GDM",
+}
 
 
 def _binomial_se(p: float, n: int) -> float:
@@ -44,8 +48,14 @@ def row(metrics: dict) -> dict:
         "n_samples": n,
         "s_per_sample": metrics.get("sampling", {}).get("s_per_sample"),
     }
-    for key in ("atom_stability", "mol_stability", "validity", "connected_validity",
-                "uniqueness", "novelty"):
+    for key in (
+        "atom_stability",
+        "mol_stability",
+        "validity",
+        "connected_validity",
+        "uniqueness",
+        "novelty",
+    ):
         value = mol.get(key)
         out[key] = value
     out["mol_stability_se"] = _binomial_se(mol["mol_stability"], n)
@@ -54,9 +64,11 @@ def row(metrics: dict) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| model | steps | train min | held-out loss (start → end) | NLL (nats) | "
-            "mol stable % | atom stable % | valid % | connected valid % | unique % | "
-            "s/sample (1000 steps) |")
+    head = (
+        "| model | steps | train min | held-out loss (start → end) | NLL (nats) | "
+        "mol stable % | atom stable % | valid % | connected valid % | unique % | "
+        "s/sample (1000 steps) |"
+    )
     lines = [head, "|" + "---|" * 11]
     for r in rows:
         pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
@@ -68,21 +80,31 @@ def markdown(rows: list[dict]) -> str:
             f"{pct(r['connected_validity'])} | {pct(r['uniqueness'])} | "
             f"{r['s_per_sample']:.2f} |"
         )
-    lines += ["", "Published (full scale, 10,000 samples):", "",
-              "| model | NLL | mol stable % | atom stable % | valid % | unique % | s/sample |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Published (full scale, 10,000 samples):",
+        "",
+        "| model | NLL | mol stable % | atom stable % | valid % | unique % | s/sample |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for key in ("gdm", "edm", "canon-frozen-gdm", "canon-gdm"):
         p = PUBLISHED[key]
-        lines.append(f"| {LABELS[key]} | {p['nll']} | {p['mol']} | {p['atom']} | {p['valid']} | "
-                     f"{p['unique']} | {p['s_per_sample']} |")
+        lines.append(
+            f"| {LABELS[key]} | {p['nll']} | {p['mol']} | {p['atom']} | {p['valid']} | "
+            f"{p['unique']} | {p['s_per_sample']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="run folders holding metrics.json")
-    parser.add_argument("--out", default=None, help="markdown file to write")
-    parser.add_argument("--json", default=None, help="JSON file to write")
+    parser.add_argument(
+        "--out", default=None, help="markdown file to write (default: print the table only)"
+    )
+    parser.add_argument(
+        "--json", default=None, help="JSON file of the rows to write (default: none)"
+    )
     args = parser.parse_args(argv)
     rows = []
     for run in args.runs:

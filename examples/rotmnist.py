@@ -40,11 +40,18 @@ only the 10,000 MNIST test digits (IDX ``t10k`` files) these are rotated by seed
 angles and split 8,000 / 2,000 (``--holdout``); with the official rotated-MNIST ``.amat``
 files the benchmark's own train / test split is used.
 
-``--quick`` is a preset for 2 CPU cores (3 minutes per configuration, or ``--steps`` steps:
-a step count given without ``--max-minutes`` replaces the preset's time budget, so that
-all configurations get the same number of steps); the published
-sizes (UNet width 64; canonicalizer of 16 regular fields, 5 layers, kernel 5) are the
-defaults of ``--preset full``. Any preset value can be overridden by its flag.
+``--quick`` is a preset for 2 CPU cores (3 minutes per configuration, or
+``--train-steps`` training steps: a step count given without ``--max-minutes`` replaces
+the preset's time budget, so that all configurations get the same number of steps); the
+published sizes (UNet width 64; canonicalizer of 16 regular fields, 5 layers, kernel 5)
+are the defaults of ``--preset full``, the default preset. Any preset value can be
+overridden by its flag (``--help`` lists both presets' values).
+
+The library pieces used here: :func:`canonwrap.images.image_diffusion` (UNet, optionally
+behind a :class:`~canonwrap.canonicalizers.DiscreteRotationCanonicalizer` wrapped in
+:class:`~canonwrap.canonicalizers.UnitRange`), :class:`canonwrap.data.RotatedMNIST`,
+:class:`canonwrap.training.Trainer` and :func:`canonwrap.metrics.images.denoising_test_loss`
+with the pose statistics of :mod:`canonwrap.metrics.images`.
 """
 
 from __future__ import annotations
@@ -62,17 +69,17 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from canonwrap import (
-    CanonicalizedDiffusion,
-    CosineSchedule,
-    DDIMSampler,
-    PolynomialSchedule,
-    TensorSpace,
-    frozen,
+from canonwrap import CanonicalizedDiffusion, CosineSchedule, DDIMSampler, PolynomialSchedule
+from canonwrap.data import RotatedMNIST
+from canonwrap.data.rotmnist import default_mnist_root
+from canonwrap.images import image_diffusion
+from canonwrap.metrics.images import (
+    denoising_test_loss,
+    loss_by_t,
+    orientation_concentration,
+    split_by_exactness,
+    standard_error,
 )
-from canonwrap.canonicalizers import Canonicalizer, CanonOutput, DiscreteRotationCanonicalizer
-from canonwrap.data.rotmnist import RotatedMNIST, default_mnist_root
-from canonwrap.nn import UNet
 from canonwrap.training import EMA, Trainer, find_latest_checkpoint
 
 #: configuration name -> (group order n, frozen); ``None``: no canonicalizer
@@ -100,60 +107,56 @@ PUBLISHED_LABELS: dict[str, str] = {
 }
 
 # Published network sizes; the training budget of "full" is our choice (not published).
+# Every key is also a flag of `run` (``--base-width``, ...); PRESET_HELP describes it.
+FULL: dict[str, Any] = dict(
+    base_width=64,
+    channel_mults=[1, 2, 2],
+    num_res_blocks=2,
+    attention=True,
+    canon_hidden=16,
+    canon_layers=5,
+    canon_kernel=5,
+    canon_downsample=2,
+    prior_weight=0.0,
+    batch_size=64,
+    lr=2e-4,
+    canon_lr_ratio=0.1,
+    grad_clip=1.0,
+    ema_decay=0.9999,
+    weights="ema",
+    train_steps=50_000,
+    max_minutes=None,
+    train_size=None,
+    test_images=None,
+    holdout=2000,
+    eval_batch=100,
+    num_samples=64,
+    sample_steps=50,
+    timesteps=1000,
+    schedule="cosine",
+)
 PRESETS: dict[str, dict[str, Any]] = {
-    "full": dict(
-        base_width=64, channel_mults=[1, 2, 2], num_res_blocks=2, attention=True,
-        canon_hidden=16, canon_layers=5, canon_kernel=5, canon_downsample=2, prior_weight=0.0,
-        batch_size=64, lr=2e-4, canon_lr_ratio=0.1, grad_clip=1.0, ema_decay=0.9999,
-        weights="ema", steps=50_000, max_minutes=None, train_size=None, test_images=None,
-        holdout=2000, eval_batch=100, num_samples=64, sample_steps=50, timesteps=1000,
-        schedule="cosine",
-    ),
-    "quick": dict(
-        base_width=16, channel_mults=[1, 2, 2], num_res_blocks=1, attention=True,
-        canon_hidden=4, canon_layers=5, canon_kernel=5, canon_downsample=2, prior_weight=0.0,
-        batch_size=32, lr=1e-3, canon_lr_ratio=0.1, grad_clip=1.0, ema_decay=0.999,
-        weights="raw", steps=None, max_minutes=3.0, train_size=None, test_images=500,
-        holdout=2000, eval_batch=100, num_samples=64, sample_steps=50, timesteps=1000,
-        schedule="cosine",
-    ),
+    "full": FULL,
+    # 2 CPU cores: smaller networks, a time budget, raw weights, 500 test digits
+    "quick": {
+        **FULL,
+        **dict(
+            base_width=16,
+            num_res_blocks=1,
+            canon_hidden=4,
+            batch_size=32,
+            lr=1e-3,
+            ema_decay=0.999,
+            weights="raw",
+            train_steps=None,
+            max_minutes=3.0,
+            test_images=500,
+        ),
+    },
 }
-EVAL_KEYS = ("test_loss", "test_loss_sem")
 
 
 # ------------------------------------------------------------------------- building
-class UnitRange(Canonicalizer):
-    """Canonicalize images in ``[-1, 1]`` by rotating them in ``[0, 1]``.
-
-    Rotations by angles other than multiples of 90 degrees bring in corners that
-    :func:`~canonwrap.groups.rotate_images` fills with zeros. For digits in ``[-1, 1]`` a
-    zero is mid-grey, not background, so the canonical digits would get grey corners that
-    the data never has. This wrapper hands ``(x + 1) / 2`` to the inner canonicalizer (whose
-    scoring network then sees the usual ``[0, 1]`` digits) and maps the canonical digits
-    back with ``2 c - 1``: padded corners are background (-1). The group element, the
-    prior loss and the gradients are those of the inner canonicalizer.
-
-    Parameters
-    ----------
-    inner:
-        An image canonicalizer acting on ``[B, C, H, W]`` tensors in ``[0, 1]``.
-    """
-
-    def __init__(self, inner: Canonicalizer) -> None:
-        super().__init__()
-        self.inner = inner
-        self.group = inner.group
-
-    def forward(self, images: Tensor) -> CanonOutput:
-        """Canonical digits ``[B, C, H, W]`` in ``[-1, 1]`` with the inner element and prior."""
-        out = self.inner((images + 1) / 2)
-        return CanonOutput(out.canonical * 2 - 1, out.element, out.prior_loss)
-
-    def apply_inverse(self, data: Tensor, element: Tensor) -> Tensor:
-        """``h^-1 . x`` for given elements, padded with background (used by ``frozen``)."""
-        return self.inner.apply_inverse((data + 1) / 2, element) * 2 - 1
-
-
 def make_schedule(cfg: dict[str, Any]):
     """The noise schedule named by ``cfg["schedule"]`` with ``cfg["timesteps"]`` steps."""
     if cfg["schedule"] == "cosine":
@@ -164,34 +167,32 @@ def make_schedule(cfg: dict[str, Any]):
 
 
 def build_model(name: str, cfg: dict[str, Any]) -> CanonicalizedDiffusion:
-    """The diffusion model of configuration ``name``.
+    """The diffusion model of configuration ``name``, built by
+    :func:`canonwrap.images.image_diffusion`.
 
-    Digits are in ``[-1, 1]``; the canonicalizer is wrapped in :class:`UnitRange` so that
-    corners brought in by rotations are background. The UNet is built right after
-    ``torch.manual_seed(seed)`` and the canonicalizer after ``torch.manual_seed(seed + 1)``,
-    so every configuration starts from the same UNet weights and the C16 configurations
-    (learned and frozen) from the same canonicalizer.
+    Digits are in ``[-1, 1]``, so the canonicalizer is wrapped in
+    :class:`~canonwrap.canonicalizers.UnitRange` (corners brought in by rotations are
+    background). With ``seed=cfg["seed"]`` every configuration starts from the same UNet
+    weights and the C16 configurations (learned and frozen) from the same canonicalizer.
     """
     if name not in CONFIGS:
         raise ValueError(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
-    torch.manual_seed(cfg["seed"])
-    unet = UNet(
-        in_channels=1, base_width=cfg["base_width"], channel_mults=tuple(cfg["channel_mults"]),
-        num_res_blocks=cfg["num_res_blocks"], attention=bool(cfg["attention"]),
+    n, is_frozen = CONFIGS[name] or (None, False)
+    return image_diffusion(
+        n,
+        base_width=cfg["base_width"],
+        channel_mults=cfg["channel_mults"],
+        num_res_blocks=cfg["num_res_blocks"],
+        attention=bool(cfg["attention"]),
+        canon_hidden=cfg["canon_hidden"],
+        canon_layers=cfg["canon_layers"],
+        canon_kernel=cfg["canon_kernel"],
+        canon_downsample=cfg["canon_downsample"],
+        prior_weight=cfg["prior_weight"],
+        freeze_canonicalizer=is_frozen,
+        schedule=make_schedule(cfg),
+        seed=cfg["seed"],
     )
-    canon = None
-    spec = CONFIGS[name]
-    if spec is not None:
-        n, is_frozen = spec
-        torch.manual_seed(cfg["seed"] + 1)
-        canon = UnitRange(DiscreteRotationCanonicalizer(
-            n=n, in_channels=1, hidden=cfg["canon_hidden"], layers=cfg["canon_layers"],
-            kernel_size=cfg["canon_kernel"], downsample=cfg["canon_downsample"],
-            prior_weight=cfg["prior_weight"],
-        ))
-        if is_frozen:
-            canon = frozen(canon)
-    return CanonicalizedDiffusion(unet, canon, schedule=make_schedule(cfg), space=TensorSpace())
 
 
 def count_parameters(model: CanonicalizedDiffusion) -> dict[str, int]:
@@ -213,8 +214,7 @@ def make_optimizer(model: CanonicalizedDiffusion, cfg: dict[str, Any]) -> torch.
 
 def load_data(cfg: dict[str, Any]) -> tuple[RotatedMNIST, RotatedMNIST, Tensor]:
     """Training set, test set, and the test images evaluated (``[N, 1, 28, 28]``)."""
-    kwargs = dict(root=cfg["data"], symmetric=True, seed=cfg["data_seed"],
-                  test_size=cfg["holdout"])
+    kwargs = dict(root=cfg["data"], symmetric=True, seed=cfg["data_seed"], test_size=cfg["holdout"])
     train = RotatedMNIST(split="train", **kwargs)
     test = RotatedMNIST(split="test", **kwargs)
     n_test = len(test) if cfg["test_images"] is None else min(cfg["test_images"], len(test))
@@ -226,103 +226,6 @@ def train_subset(train: RotatedMNIST, size: int | None):
     if size is None or size >= len(train):
         return train
     return Subset(train, range(size))
-
-
-# ------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(
-    model: CanonicalizedDiffusion,
-    images: Tensor,
-    *,
-    batch_size: int,
-    seed: int,
-    progress: bool = False,
-) -> dict[str, Tensor]:
-    """Per-digit test reconstruction loss with a fixed draw of ``t`` and noise.
-
-    For each batch (fixed order and size) the canonicalizer runs once; the loss is then
-    :meth:`CanonicalizedDiffusion.training_loss` of the same denoiser on the canonical
-    digits with an identity canonicalizer. This is the same computation as
-    ``model.training_loss(x, generator)`` (the canonicalizer draws no random numbers, so
-    ``t`` and the noise come from ``generator`` in the same order), and it also gives the
-    group element of every digit.
-
-    Parameters
-    ----------
-    model:
-        The trained model (put in eval mode by the caller).
-    images:
-        Test digits ``[N, 1, H, W]``.
-    batch_size:
-        Digits per batch; must be the same for every model compared.
-    seed:
-        Seed of the generator of ``t`` and the noise.
-
-    Returns
-    -------
-    dict
-        ``loss [N]`` (mean squared error per pixel), ``t [N]`` (integer steps) and
-        ``element [N]`` (long; zeros without canonicalizer).
-    """
-    plain = CanonicalizedDiffusion(model.denoiser, schedule=model.schedule, space=TensorSpace())
-    gen = torch.Generator().manual_seed(int(seed))
-    losses, steps, elements = [], [], []
-    starts = range(0, images.shape[0], batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="test loss", unit="batch", dynamic_ncols=True)
-    for start in starts:
-        x = images[start : start + batch_size]
-        canon = model.canonicalize(x)
-        out = plain.training_loss(canon.canonical, generator=gen)
-        losses.append(out.per_sample.double())
-        steps.append(out.t)
-        elements.append(canon.element.reshape(-1).long())
-    return {"loss": torch.cat(losses), "t": torch.cat(steps), "element": torch.cat(elements)}
-
-
-def orientation_concentration(
-    angles: Tensor | None, elements: Tensor, labels: Tensor, n: int
-) -> tuple[float, float] | None:
-    """How consistently the canonical digits of each class are oriented, in ``[0, 1]``.
-
-    The canonical digit ``i`` is the upright digit rotated by
-    ``r_i = angle_i - 2 pi k_i / n`` (``k_i`` its group element). For each class the mean
-    resultant length ``|mean_i exp(1j r_i)|`` is 1 when all its canonical digits share one
-    orientation and about ``1 / sqrt(count)`` when orientations are uniform; the result
-    is its average over classes weighted by their counts.
-
-    Returns
-    -------
-    tuple of float or None
-        ``(concentration, chance)``: ``chance`` is the same average of
-        ``sqrt(pi / (4 m))``, the expected resultant length of ``m`` uniform angles
-        (large-``m`` limit), i.e. the value of a canonicalizer that aligns nothing.
-        ``None`` when the angles are unknown (``.amat`` data).
-    """
-    if angles is None:
-        return None
-    r = angles.double() - 2 * math.pi * elements.double() / n
-    total, chance, count = 0.0, 0.0, 0
-    for c in labels.unique():
-        sel = labels == c
-        m = int(sel.sum())
-        resultant = torch.complex(torch.cos(r[sel]), torch.sin(r[sel])).mean().abs()
-        total += float(resultant) * m
-        chance += math.sqrt(math.pi / (4 * m)) * m
-        count += m
-    return total / max(count, 1), chance / max(count, 1)
-
-
-def loss_by_t(loss: Tensor, t: Tensor, timesteps: int) -> dict[str, float]:
-    """Mean loss in three ranges of ``t``: low (< T/10), middle (< T/2), high noise."""
-    bins = {
-        "t<0.1T": t < timesteps * 0.1,
-        "0.1T<=t<0.5T": (t >= timesteps * 0.1) & (t < timesteps * 0.5),
-        "t>=0.5T": t >= timesteps * 0.5,
-    }
-    return {k: float(loss[m].mean()) if m.any() else float("nan") for k, m in bins.items()}
 
 
 # ------------------------------------------------------------------------- figures
@@ -343,8 +246,9 @@ def save_image_rows(rows: list[tuple[str, Tensor]], path: Path, title: str) -> N
     """One row of digits per ``(label, images [K, 1, H, W])`` pair, values in ``[-1, 1]``."""
     plt = _pyplot()
     cols = max(r[1].shape[0] for r in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(0.7 * cols + 1.2, 0.8 * len(rows) + 0.5),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), cols, figsize=(0.7 * cols + 1.2, 0.8 * len(rows) + 0.5), squeeze=False
+    )
     for i, (label, imgs) in enumerate(rows):
         imgs = _to_unit(imgs)
         for j in range(cols):
@@ -372,9 +276,9 @@ def save_grid(images: Tensor, path: Path, title: str, ncol: int = 8) -> None:
     canvas = torch.ones(nrow * (h + 2), ncol * (w + 2))
     for idx in range(k):
         r, c = divmod(idx, ncol)
-        canvas[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = (
-            imgs[idx, 0]
-        )
+        canvas[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = imgs[
+            idx, 0
+        ]
     fig, ax = plt.subplots(figsize=(0.45 * ncol + 0.4, 0.45 * nrow + 0.6))
     ax.imshow(canvas, cmap="gray", vmin=0, vmax=1)
     ax.axis("off")
@@ -429,8 +333,13 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -438,16 +347,21 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     preset = "quick" if args.quick else args.preset
     cfg = dict(PRESETS[preset])
     data = args.data if args.data is not None else default_mnist_root()
-    cfg.update(preset=preset, seed=args.seed, data_seed=args.data_seed, eval_seed=args.eval_seed,
-               data=str(data) if data is not None else None)
+    cfg.update(
+        preset=preset,
+        seed=args.seed,
+        data_seed=args.data_seed,
+        eval_seed=args.eval_seed,
+        data=str(data) if data is not None else None,
+    )
     for key in PRESETS["full"]:
         value = getattr(args, key, None)
         if value is not None:
             cfg[key] = value
-    if args.steps is not None and args.max_minutes is None:
+    if args.train_steps is not None and args.max_minutes is None:
         cfg["max_minutes"] = None  # an explicit step count replaces the preset's time budget
-    if cfg["steps"] is None and cfg["max_minutes"] is None:
-        raise SystemExit("give --steps and/or --max-minutes (the preset sets neither)")
+    if cfg["train_steps"] is None and cfg["max_minutes"] is None:
+        raise SystemExit("give --train-steps and/or --max-minutes (the preset sets neither)")
     return cfg
 
 
@@ -465,25 +379,38 @@ def run_config(name: str, cfg: dict[str, Any], data, args: argparse.Namespace) -
     (folder / "config.json").write_text(
         json.dumps({"config": name, **cfg, "parameters": params}, indent=2)
     )
-    print(f"[{name}] parameters {params}; {len(train)} training digits "
-          f"(using {len(train_subset(train, cfg['train_size']))}), "
-          f"{test_images.shape[0]} test digits", flush=True)
+    print(
+        f"[{name}] parameters {params}; {len(train)} training digits "
+        f"(using {len(train_subset(train, cfg['train_size']))}), "
+        f"{test_images.shape[0]} test digits",
+        flush=True,
+    )
 
     loader = DataLoader(
-        train_subset(train, cfg["train_size"]), batch_size=cfg["batch_size"], shuffle=True,
-        drop_last=True, generator=torch.Generator().manual_seed(cfg["seed"]),
+        train_subset(train, cfg["train_size"]),
+        batch_size=cfg["batch_size"],
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(cfg["seed"]),
     )
     optimizer = make_optimizer(model, cfg)
     ema = EMA(model, decay=cfg["ema_decay"])
     torch.manual_seed(cfg["seed"] + 2)  # t and noise of training: the same for every config
     trainer = Trainer(
-        model, optimizer, loader,
+        model,
+        optimizer,
+        loader,
         loss_fn=lambda m, batch: m.training_loss(batch[0]),
-        ema=ema, grad_clip=cfg["grad_clip"], checkpoint_dir=ckpt_dir,
-        checkpoint_every=args.checkpoint_every, keep_checkpoints=2, log_every=args.log_every,
-        max_steps=cfg["steps"],
+        ema=ema,
+        grad_clip=cfg["grad_clip"],
+        checkpoint_dir=ckpt_dir,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=2,
+        log_every=args.log_every,
+        max_steps=cfg["train_steps"],
         max_seconds=cfg["max_minutes"] * 60 if cfg["max_minutes"] else None,
-        progress=progress, seed=cfg["seed"],
+        progress=progress,
+        seed=cfg["seed"],
     )
     if args.resume and find_latest_checkpoint(ckpt_dir) is not None:
         trainer.resume(ckpt_dir)
@@ -494,8 +421,9 @@ def run_config(name: str, cfg: dict[str, Any], data, args: argparse.Namespace) -
     start = time.perf_counter()
     if weights == "ema":
         ema.copy_to(model)
-    ev = evaluate(model, test_images, batch_size=cfg["eval_batch"], seed=cfg["eval_seed"],
-                  progress=progress)
+    ev = denoising_test_loss(
+        model, test_images, batch_size=cfg["eval_batch"], seed=cfg["eval_seed"], progress=progress
+    )
     eval_s = time.perf_counter() - start
     loss = ev["loss"]
     n_test = test_images.shape[0]
@@ -510,28 +438,41 @@ def run_config(name: str, cfg: dict[str, Any], data, args: argparse.Namespace) -
     # samples in canonical pose (DDIM, deterministic after the prior draw)
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg["eval_seed"] + 1)
-    samples = model.sample(cfg["num_samples"], shape=(1, 28, 28),
-                           sampler=DDIMSampler(cfg["sample_steps"]), generator=gen,
-                           progress=progress)
+    samples = model.sample(
+        cfg["num_samples"],
+        shape=(1, 28, 28),
+        sampler=DDIMSampler(cfg["sample_steps"]),
+        generator=gen,
+        progress=progress,
+    )
     sample_s = time.perf_counter() - start
-    save_grid(samples, folder / "samples.png",
-              f"{name}: {cfg['num_samples']} samples (DDIM, {cfg['sample_steps']} steps)")
+    save_grid(
+        samples,
+        folder / "samples.png",
+        f"{name}: {cfg['num_samples']} samples (DDIM, {cfg['sample_steps']} steps)",
+    )
     if spec is not None:
         k = min(16, n_test)
         with torch.no_grad():
             canon = model.canonicalize(test_images[:k]).canonical
         rows = [("input", test_images[:k]), ("canonical", canon)]
         if test.angles is not None:
-            upright = RotatedMNIST(split="test", root=cfg["data"], symmetric=True, rotate=False,
-                                   test_size=cfg["holdout"]).images[:k]
+            upright = RotatedMNIST(
+                split="test",
+                root=cfg["data"],
+                symmetric=True,
+                rotate=False,
+                test_size=cfg["holdout"],
+            ).images[:k]
             rows.insert(0, ("upright (ref.)", upright))
-        save_image_rows(rows, folder / "canonical.png",
-                        f"{name}: test digits and their canonical poses")
+        save_image_rows(
+            rows, folder / "canonical.png", f"{name}: test digits and their canonical poses"
+        )
 
     result = {
         "config": name,
         "test_loss": float(loss.mean()),
-        "test_loss_sem": _sem(loss),
+        "test_loss_sem": standard_error(loss),
         "test_loss_by_t": loss_by_t(loss, ev["t"], cfg["timesteps"]),
         "test_images": n_test,
         "orientation_concentration": concentration[0] if concentration else None,
@@ -547,32 +488,22 @@ def run_config(name: str, cfg: dict[str, Any], data, args: argparse.Namespace) -
         "machine": machine(),
     }
     (folder / "result.json").write_text(json.dumps(result, indent=2))
-    print(f"[{name}] test loss {result['test_loss']:.5f} after {state.step} steps "
-          f"({state.elapsed:.0f} s training)", flush=True)
+    print(
+        f"[{name}] test loss {result['test_loss']:.5f} after {state.step} steps "
+        f"({state.elapsed:.0f} s training)",
+        flush=True,
+    )
     return result
 
 
 # ------------------------------------------------------------------------- summary
-def _sem(values: Tensor) -> float:
-    """Standard error of the mean of ``values [N]`` (nan when ``N < 2``)."""
-    if values.numel() < 2:
-        return float("nan")
-    return float(values.std() / math.sqrt(values.numel()))
-
-
 def split_by_interpolation(diff: Tensor, element: Tensor, n: int) -> dict[str, Any]:
-    """Paired loss differences on digits whose canonical pose was interpolated or exact.
-
-    Element ``k`` of C_n is an exact pixel permutation when ``k`` is a multiple of
-    ``n / 4`` (a multiple of 90 degrees) and a bilinear interpolation otherwise, which
-    also smooths the digit. Splitting the paired difference ``diff [N]`` (canonicalized
-    minus UNet) by this tells a gain from alignment apart from a gain on smoothed digits.
-    """
-    exact = element % max(n // 4, 1) == 0 if n % 4 == 0 else element == 0
-    out: dict[str, Any] = {"interpolated_fraction": float((~exact).double().mean())}
-    for key, sel in (("exact", exact), ("interpolated", ~exact)):
-        out[f"diff_vs_unet_{key}"] = float(diff[sel].mean()) if sel.any() else float("nan")
-        out[f"diff_vs_unet_{key}_sem"] = _sem(diff[sel])
+    """Paired differences ``diff [N]`` (canonicalized minus UNet) on exact and on
+    interpolated canonical poses (:func:`canonwrap.metrics.images.split_by_exactness`),
+    under the keys of ``result.json``."""
+    split = split_by_exactness(diff, element, n)
+    out: dict[str, Any] = {"interpolated_fraction": split.pop("interpolated_fraction")}
+    out.update({f"diff_vs_unet_{key}": value for key, value in split.items()})
     return out
 
 
@@ -587,7 +518,7 @@ def collect(out: Path) -> dict[str, Any]:
     for name, res in results.items():
         path = out / name / "test_eval.pt"
         if path.is_file():
-            res["test_loss_sem"] = _sem(torch.load(path, weights_only=True)["loss"])
+            res["test_loss_sem"] = standard_error(torch.load(path, weights_only=True)["loss"])
     base = out / "unet" / "test_eval.pt"
     if base.is_file():
         ref = torch.load(base, weights_only=True)["loss"]
@@ -600,9 +531,12 @@ def collect(out: Path) -> dict[str, Any]:
                 continue
             diff = loss - ref
             res["diff_vs_unet"] = float(diff.mean())
-            res["diff_vs_unet_sem"] = _sem(diff)
-            res.update(split_by_interpolation(diff, torch.load(path, weights_only=True)["element"],
-                                              CONFIGS[name][0]))
+            res["diff_vs_unet_sem"] = standard_error(diff)
+            res.update(
+                split_by_interpolation(
+                    diff, torch.load(path, weights_only=True)["element"], CONFIGS[name][0]
+                )
+            )
     config = None
     for name in results:
         config = json.loads((out / name / "config.json").read_text())
@@ -632,7 +566,8 @@ def markdown_table(results: dict[str, dict[str, Any]], config: dict[str, Any] | 
     for name, r in results.items():
         diff = (
             f"{r['diff_vs_unet']:+.5f} ± {r['diff_vs_unet_sem']:.5f}"
-            if "diff_vs_unet" in r else "—"
+            if "diff_vs_unet" in r
+            else "—"
         )
         conc = r.get("orientation_concentration")
         chance = r.get("orientation_chance")
@@ -659,48 +594,151 @@ def markdown_table(results: dict[str, dict[str, Any]], config: dict[str, Any] | 
                 f"{r[f'diff_vs_unet_{key}']:+.5f} ± {r[f'diff_vs_unet_{key}_sem']:.5f}"
                 for key in ("exact", "interpolated")
             ]
-            lines.append(f"| {PUBLISHED_LABELS[name]} | {r['interpolated_fraction']:.2f} "
-                         f"| {cells[0]} | {cells[1]} |")
+            lines.append(
+                f"| {PUBLISHED_LABELS[name]} | {r['interpolated_fraction']:.2f} "
+                f"| {cells[0]} | {cells[1]} |"
+            )
     if config is not None:
-        keys = ("preset", "base_width", "channel_mults", "num_res_blocks", "canon_hidden",
-                "canon_layers", "canon_kernel", "batch_size", "lr", "canon_lr_ratio",
-                "schedule", "timesteps", "weights", "test_images", "sample_steps")
+        keys = (
+            "preset",
+            "base_width",
+            "channel_mults",
+            "num_res_blocks",
+            "canon_hidden",
+            "canon_layers",
+            "canon_kernel",
+            "batch_size",
+            "lr",
+            "canon_lr_ratio",
+            "schedule",
+            "timesteps",
+            "weights",
+            "test_images",
+            "sample_steps",
+        )
         lines += ["", "Settings: " + ", ".join(f"{k}={config.get(k)}" for k in keys)]
     return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------- CLI
+#: help text of each preset key's flag
+PRESET_HELP: dict[str, str] = {
+    "base_width": "UNet base width",
+    "channel_mults": "UNet channel multiplier per resolution level",
+    "num_res_blocks": "UNet residual blocks per level",
+    "attention": "UNet self-attention at the lowest resolution (1 or 0)",
+    "canon_hidden": "canonicalizer: regular fields per hidden layer",
+    "canon_layers": "canonicalizer: steerable convolution layers",
+    "canon_kernel": "canonicalizer: kernel size",
+    "canon_downsample": "canonicalizer: poolings by 2",
+    "prior_weight": "canonicalizer: weight of the prior loss towards the identity",
+    "batch_size": "training batch size",
+    "lr": "Adam learning rate of the UNet",
+    "canon_lr_ratio": "canonicalizer learning rate as a fraction of --lr",
+    "grad_clip": "gradient clipping norm",
+    "ema_decay": "decay of the exponential moving average of the weights",
+    "weights": "weights evaluated and sampled: raw or their EMA",
+    "train_steps": "training steps per configuration",
+    "max_minutes": "training time budget per configuration, in minutes",
+    "train_size": "training digits used (None: all)",
+    "test_images": "test digits evaluated (None: all)",
+    "holdout": "test digits held out when only the t10k IDX files exist",
+    "eval_batch": "test digits per evaluation batch (same for every configuration)",
+    "num_samples": "samples drawn per configuration",
+    "sample_steps": "DDIM sampling steps",
+    "timesteps": "diffusion steps T",
+    "schedule": "noise schedule",
+}
+
+
 def parser() -> argparse.ArgumentParser:
     """The command-line parser (``run`` and ``report``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="train, evaluate and sample configurations")
-    run.add_argument("--out", required=True, help="output folder")
-    run.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
-    run.add_argument("--data", default=None,
-                     help="MNIST folder (default: RotatedMNIST's default root)")
-    run.add_argument("--preset", choices=list(PRESETS), default="full")
-    run.add_argument("--quick", action="store_true", help="2-CPU preset (a few minutes each)")
-    run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    run.add_argument("--seed", type=int, default=0, help="weights, data order, training noise")
-    run.add_argument("--data-seed", type=int, default=0, help="rotation angles of the digits")
-    run.add_argument("--eval-seed", type=int, default=1234, help="test t and noise; samples")
-    run.add_argument("--resume", action="store_true", help="continue from checkpoints")
+    run = sub.add_parser(
+        "run",
+        help="train, evaluate and sample configurations",
+        description="Train, evaluate and sample configurations. Settings come from the preset "
+        "(default: full; --quick for 2 CPU cores); each preset value can be overridden by "
+        "its flag, whose help lists both presets' values.",
+    )
+    run.add_argument("--out", required=True, help="output folder (one sub-folder per config)")
+    run.add_argument(
+        "--configs",
+        nargs="+",
+        choices=list(CONFIGS),
+        default=list(CONFIGS),
+        help="configurations to run, in this order (default: all)",
+    )
+    run.add_argument(
+        "--data",
+        default=None,
+        help="MNIST folder with IDX or rotated-MNIST .amat files (default: $CANONWRAP_MNIST)",
+    )
+    run.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default="full",
+        help="settings preset (default: %(default)s, the published sizes)",
+    )
+    run.add_argument(
+        "--quick",
+        action="store_true",
+        help="use the quick preset: 2 CPU cores, 3 minutes per configuration",
+    )
+    run.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    run.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the weights, data order and training noise (default: %(default)s)",
+    )
+    run.add_argument(
+        "--data-seed",
+        type=int,
+        default=0,
+        help="seed of the rotation angles of the digits (default: %(default)s)",
+    )
+    run.add_argument(
+        "--eval-seed",
+        type=int,
+        default=1234,
+        help="seed of the test t and noise, and of the samples (default: %(default)s)",
+    )
+    run.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    run.add_argument("--checkpoint-every", type=int, default=500)
-    run.add_argument("--log-every", type=int, default=25)
+    run.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=500,
+        help="training steps between checkpoints (default: %(default)s)",
+    )
+    run.add_argument(
+        "--log-every",
+        type=int,
+        default=25,
+        help="training steps per logged loss window (default: %(default)s)",
+    )
     kinds = {"max_minutes": float, "channel_mults": int, "attention": int}
     for key, value in PRESETS["full"].items():
         kind = kinds.get(key, type(value) if value is not None else int)
         extra: dict[str, Any] = {"nargs": "+"} if key == "channel_mults" else {}
         if key in ("schedule", "weights"):
             extra["choices"] = ["cosine", "polynomial"] if key == "schedule" else ["raw", "ema"]
-        run.add_argument("--" + key.replace("_", "-"), type=kind, default=None, dest=key,
-                         help=f"(full preset: {value}; quick: {PRESETS['quick'][key]})", **extra)
+        run.add_argument(
+            "--" + key.replace("_", "-"),
+            type=kind,
+            default=None,
+            dest=key,
+            help=f"{PRESET_HELP[key]} (full preset: {value}; quick: {PRESETS['quick'][key]})",
+            **extra,
+        )
 
     rep = sub.add_parser("report", help="rewrite results.json/.md from finished configs")
-    rep.add_argument("--out", required=True)
+    rep.add_argument("--out", required=True, help="output folder of earlier runs")
     return p
 
 

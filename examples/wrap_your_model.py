@@ -7,7 +7,7 @@ distribution: copies of a fixed 5-point shape in uniformly random orientation.
 
 Run::
 
-    python examples/wrap_your_model.py --steps 800
+    python examples/wrap_your_model.py --train-steps 800
     python examples/wrap_your_model.py --canonicalizer com   # no rotation canonicalization
 
 It prints the loss during training and compares the pairwise distances of generated
@@ -71,13 +71,33 @@ def build(canonicalizer: str, timesteps: int) -> CanonicalizedDiffusion:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=800, help="training steps")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--canonicalizer", choices=["pca", "com"], default="pca")
-    parser.add_argument("--timesteps", type=int, default=1000)
-    parser.add_argument("--sample-steps", type=int, default=200, help="ancestral steps")
-    parser.add_argument("--num-samples", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--train-steps", type=int, default=800, help="training steps (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="point clouds per batch (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--canonicalizer",
+        choices=["pca", "com"],
+        default="pca",
+        help="pca: rotation and translation (PCA frame); com: centring only (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--timesteps", type=int, default=1000, help="diffusion steps T (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--sample-steps",
+        type=int,
+        default=200,
+        help="ancestral sampling steps (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--num-samples", type=int, default=200, help="point clouds sampled (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of weights, data and noise (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -85,14 +105,14 @@ def main(argv: list[str] | None = None) -> dict:
     model = build(args.canonicalizer, args.timesteps)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     start, losses = time.time(), []
-    for step in range(1, args.steps + 1):
+    for step in range(1, args.train_steps + 1):
         batch = rotated_shapes(args.batch_size, generator=gen)
         out = model.training_loss(batch, generator=gen)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
         losses.append(out.loss.item())
-        if step % max(1, args.steps // 8) == 0 or step == args.steps:
+        if step % max(1, args.train_steps // 8) == 0 or step == args.train_steps:
             recent = sum(losses[-50:]) / len(losses[-50:])
             print(f"step {step:5d}  loss {recent:.4f}  ({time.time() - start:.0f} s)")
 
@@ -111,8 +131,11 @@ def main(argv: list[str] | None = None) -> dict:
     print("median sorted pairwise distances, samples:", [round(v, 2) for v in got.tolist()])
     print("median sorted pairwise distances, data:   ", [round(v, 2) for v in want.tolist()])
     print(f"largest difference: {err:.3f}")
-    return {"first_loss": losses[0], "final_loss": sum(losses[-50:]) / len(losses[-50:]),
-            "distance_error": err}
+    return {
+        "first_loss": losses[0],
+        "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "distance_error": err,
+    }
 
 
 if __name__ == "__main__":

@@ -1,10 +1,9 @@
 """Canonicalizers: maps to a canonical pose with an equivariant group element.
 
 ``EquiAdaptCanonicalizer`` (an adapter for equiadapt's image canonicalizers, documented in
-[`canonwrap.canonicalizers.equiadapt`][canonwrap.canonicalizers.equiadapt]) is loaded lazily on
-first attribute access and is not in ``__all__``, so importing canonwrap never imports the adapter
-or equiadapt. Import it as
-``from canonwrap.canonicalizers.equiadapt import EquiAdaptCanonicalizer``.
+:mod:`canonwrap.canonicalizers.equiadapt`) is loaded lazily on first attribute access and is
+not in ``__all__``, so importing canonwrap never imports the adapter or equiadapt. Import it
+as ``from canonwrap.canonicalizers.equiadapt import EquiAdaptCanonicalizer``.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from canonwrap.canonicalizers.base import Canonicalizer, CanonOutput, Frozen, fr
 from canonwrap.canonicalizers.basic import CenterOfMass, Identity, PCACanonicalizer, centre
 from canonwrap.canonicalizers.discrete_rotation import DiscreteRotationCanonicalizer
 from canonwrap.canonicalizers.egnn import EGNNCanonicalizer
+from canonwrap.canonicalizers.unit_range import UnitRange
 
 __all__ = [
     "CanonOutput",
@@ -27,6 +27,7 @@ __all__ = [
     "centre",
     "EGNNCanonicalizer",
     "DiscreteRotationCanonicalizer",
+    "UnitRange",
 ]
 
 _LAZY = {"EquiAdaptCanonicalizer": "canonwrap.canonicalizers.equiadapt"}

@@ -1,5 +1,8 @@
-"""Datasets. Only molecule data live here so far; image modules are not imported."""
+"""Datasets: QM9 molecules (:mod:`canonwrap.data.qm9`) and rotated MNIST
+(:mod:`canonwrap.data.rotmnist`; needs only numpy and torch, its rotations are
+:func:`canonwrap.groups.rotate_images`). Toy point clouds are in :mod:`canonwrap.data.toy`."""
 
 from canonwrap.data.qm9 import QM9, QM9_ATOM_TYPES, qm9_features
+from canonwrap.data.rotmnist import RotatedMNIST
 
-__all__ = ["QM9", "QM9_ATOM_TYPES", "qm9_features"]
+__all__ = ["QM9", "QM9_ATOM_TYPES", "qm9_features", "RotatedMNIST"]

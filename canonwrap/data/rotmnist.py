@@ -3,25 +3,23 @@
 Three sources, tried in this order by ``source="auto"``:
 
 ``"amat"``
-:   The rotated-MNIST benchmark of Larochelle et al. (2007), ``mnist_rotation_new.zip``:
+    The rotated-MNIST benchmark of Larochelle et al. (2007), ``mnist_rotation_new.zip``:
     ``mnist_all_rotation_normalized_float_train_valid.amat`` (12,000 digits) and
     ``mnist_all_rotation_normalized_float_test.amat`` (50,000 digits). Each text row holds
     784 grey levels in ``[0, 1]`` followed by the label.
 ``"idx"``
-:   The standard MNIST IDX files (``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``
+    The standard MNIST IDX files (``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``
     and, when present, ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``; each
     raw or ``.gz``). Each digit is rotated by its own angle drawn uniformly from
     ``[0, 2 pi)`` with a seeded generator (bilinear, about the image centre, zero padding,
     via [`canonwrap.groups.rotate_images`][canonwrap.groups.rotate_images]).
 ``"torchvision"``
-:   ``torchvision.datasets.MNIST(root, download=False)`` when torchvision imports; its
+    ``torchvision.datasets.MNIST(root, download=False)`` when torchvision imports; its
     digits are rotated as for ``"idx"``. Nothing is ever downloaded.
 
 Files are looked for in ``root`` and in its sub-folders ``mnist_rotation_new``,
-``MNIST/raw`` and ``raw``. Without ``root``: the environment variable ``CANONWRAP_MNIST``,
-else the first ``shared/data/mnist`` folder found walking up from the working directory
-and from this package's location (the layout of this project's machines, where the
-10,000 MNIST test digits live in ``../shared/data/mnist``).
+``MNIST/raw`` and ``raw``. Without ``root``: the folder named by the environment variable
+``CANONWRAP_MNIST``. Nothing is searched for elsewhere and nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -67,20 +65,10 @@ _TRAIN_SEED_OFFSET = 1_000_003  # the train file's angles use seed + this
 
 
 def default_mnist_root() -> Path | None:
-    """Where MNIST is looked for when no ``root`` is given (``None`` if nowhere).
-
-    ``$CANONWRAP_MNIST`` when set; otherwise the first ``shared/data/mnist`` directory met
-    walking up from the current directory, then from this file's location.
-    """
+    """Where MNIST is looked for when no ``root`` is given: ``$CANONWRAP_MNIST``, or ``None``
+    when that variable is unset or empty."""
     env = os.environ.get("CANONWRAP_MNIST")
-    if env:
-        return Path(env).expanduser()
-    for start in (Path.cwd(), Path(__file__).resolve().parent):
-        for folder in (start, *start.parents):
-            candidate = folder / "shared" / "data" / "mnist"
-            if candidate.is_dir():
-                return candidate
-    return None
+    return Path(env).expanduser() if env else None
 
 
 def _find(root: Path, name: str) -> Path | None:
@@ -184,20 +172,22 @@ class RotatedMNIST(Dataset):
     """Rotated MNIST digits as ``(image [1, 28, 28] float32, label long)`` pairs.
 
     Splits
-    :   | split | ``"amat"`` | IDX with train files | IDX, t10k files only |
-        | --- | --- | --- | --- |
-        | train | train_valid rows 0-9,999 | 60,000 train digits | t10k minus holdout |
-        | valid | train_valid rows 10,000+ | -- | -- |
-        | trainval | all 12,000 train_valid | -- | -- |
-        | test | 50,000 test rows | 10,000 t10k digits | holdout of t10k |
-        | all | -- | train + t10k | all 10,000 t10k |
+        =========  ==========================  ===================  =====================
+        split      ``"amat"``                  IDX with train files  IDX, t10k files only
+        =========  ==========================  ===================  =====================
+        train      train_valid rows 0-9,999    60,000 train digits   t10k minus holdout
+        valid      train_valid rows 10,000+    --                    --
+        trainval   all 12,000 train_valid      --                    --
+        test       50,000 test rows            10,000 t10k digits    holdout of t10k
+        all        --                          train + t10k          all 10,000 t10k
+        =========  ==========================  ===================  =====================
 
         The holdout (IDX or torchvision without the 60,000 training digits) is
         [`holdout_split`][canonwrap.data.rotmnist.holdout_split] with ``test_size`` and
         ``split_seed``: 8,000 / 2,000 by default. ``torchvision`` follows the IDX columns.
 
     Angles
-    :   For IDX and torchvision data, digit ``i`` of the t10k file is rotated by angle
+        For IDX and torchvision data, digit ``i`` of the t10k file is rotated by angle
         ``i`` of [`rotate_digits`][canonwrap.data.rotmnist.rotate_digits] with ``seed``, digit ``i``
         of the train file by angle ``i`` with ``seed + 1_000_003``; a digit keeps its angle whatever
         the split. ``angles`` holds them (``None`` for ``.amat`` data, whose angles are unknown).
@@ -376,7 +366,7 @@ class RotatedMNIST(Dataset):
         where = (
             f"{self.root} (and its sub-folders {', '.join(_SUBDIRS[1:])})"
             if self.root is not None
-            else "nowhere: no root given, $CANONWRAP_MNIST unset, no shared/data/mnist found"
+            else "nowhere: no root given and $CANONWRAP_MNIST unset"
         )
         return (
             f"no MNIST data for split {self.split!r}; looked in {where}. Expected either the "

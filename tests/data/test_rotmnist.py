@@ -1,5 +1,5 @@
 """RotatedMNIST on tiny synthetic IDX (raw and gzip) and .amat files, plus the real
-MNIST test digits when ``shared/data/mnist`` is present."""
+MNIST test digits when ``$CANONWRAP_MNIST`` names a folder holding them."""
 
 from __future__ import annotations
 
@@ -183,14 +183,28 @@ def test_default_root_from_environment(tmp_path, monkeypatch):
     assert len(RotatedMNIST(split="all")) == 4
 
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
-
-
-@pytest.mark.skipif(not SHARED.is_dir(), reason="no ../shared/data/mnist on this machine")
-def test_real_mnist_test_digits(monkeypatch):
+def test_no_default_root_without_the_environment_variable(monkeypatch):
     monkeypatch.delenv("CANONWRAP_MNIST", raising=False)
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as if not installed
+    assert default_mnist_root() is None
+    with pytest.raises(FileNotFoundError, match="CANONWRAP_MNIST unset"):
+        RotatedMNIST(split="all")
+
+
+def _real_mnist() -> Path | None:
+    root = default_mnist_root()
+    if root is None or not any(root.glob("t10k-images-idx3-ubyte*")):
+        return None
+    return root
+
+
+@pytest.mark.skipif(
+    _real_mnist() is None,
+    reason="real MNIST test digits: set CANONWRAP_MNIST to a folder with the t10k IDX files",
+)
+def test_real_mnist_test_digits():
     ds = RotatedMNIST(split="all")
-    assert ds.root.resolve() == SHARED.resolve()
+    assert ds.root.resolve() == _real_mnist().resolve()
     assert len(ds) == 10_000 and ds.images.shape == (10_000, 1, 28, 28)
     # the published class counts of the MNIST test set
     counts = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

@@ -14,7 +14,7 @@ custom_group = load_example("custom_group")
 
 def test_custom_group_smoke():
     out = custom_group.main(
-        ["--steps", "60", "--timesteps", "100", "--sample-steps", "10", "--num-samples", "32"]
+        ["--train-steps", "60", "--timesteps", "100", "--sample-steps", "10", "--num-samples", "32"]
     )
     for checks in (out["contract"], out["contract_trained"]):
         for layout in ("tensor", "point_cloud"):

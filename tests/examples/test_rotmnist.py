@@ -1,4 +1,4 @@
-"""examples/rotmnist.py: a few-step smoke run on a tiny synthetic IDX file."""
+"""examples/rotmnist.py: a few-step smoke run of its main() on a tiny synthetic IDX file."""
 
 from __future__ import annotations
 
@@ -15,22 +15,63 @@ from .conftest import load_example
 pytest.importorskip("escnn")
 pytest.importorskip("matplotlib")
 
-rotmnist = load_example("rotmnist")
+from torch.utils.data import DataLoader  # noqa: E402
+
+from canonwrap import CosineSchedule  # noqa: E402
+from canonwrap.data import RotatedMNIST  # noqa: E402
+from canonwrap.images import image_diffusion  # noqa: E402
+from canonwrap.metrics.images import denoising_test_loss  # noqa: E402
+from canonwrap.training import find_latest_checkpoint  # noqa: E402
 
 
 def test_rotmnist_smoke(tmp_path):
     data, out = tmp_path / "mnist", tmp_path / "run"
     make_idx(data, 96)  # 64 training digits, a holdout of 32 test digits
     argv = [
-        "run", "--out", str(out), "--data", str(data), "--quick", "--no-progress",
-        "--configs", "unet", "canon-c8",
-        "--holdout", "32", "--test-images", "32", "--eval-batch", "16",
-        "--base-width", "8", "--channel-mults", "1", "2", "--num-res-blocks", "1",
-        "--canon-hidden", "1", "--canon-layers", "2", "--canon-downsample", "1",
-        "--batch-size", "16", "--steps", "3", "--max-minutes", "1",
-        "--num-samples", "4", "--sample-steps", "3", "--timesteps", "50",
+        "run",
+        "--out",
+        str(out),
+        "--data",
+        str(data),
+        "--quick",
+        "--no-progress",
+        "--configs",
+        "unet",
+        "canon-c8",
+        "--holdout",
+        "32",
+        "--test-images",
+        "32",
+        "--eval-batch",
+        "16",
+        "--base-width",
+        "8",
+        "--channel-mults",
+        "1",
+        "2",
+        "--num-res-blocks",
+        "1",
+        "--canon-hidden",
+        "1",
+        "--canon-layers",
+        "2",
+        "--canon-downsample",
+        "1",
+        "--batch-size",
+        "16",
+        "--train-steps",
+        "3",
+        "--max-minutes",
+        "1",
+        "--num-samples",
+        "4",
+        "--sample-steps",
+        "3",
+        "--timesteps",
+        "50",
     ]
-    summary = rotmnist.main(argv)
+    main = load_example("rotmnist").main
+    summary = main(argv)
 
     results = summary["results"]
     assert set(results) == {"unet", "canon-c8"}
@@ -50,16 +91,34 @@ def test_rotmnist_smoke(tmp_path):
     assert "canon(C8)+UNet" in table and "0.0312" in table
     assert (out / "loss_curves.png").is_file()
 
-    # the evaluation is model.training_loss with the same generator, digit by digit
+    # the recorded configuration rebuilds the model with the library, and the trained
+    # weights load into it; the evaluation is model.training_loss with the same generator
     cfg = json.loads((out / "canon-c8" / "config.json").read_text())
-    model = rotmnist.build_model("canon-c8", cfg).eval()
+    assert cfg["train_steps"] == 3
+    model = image_diffusion(
+        8,
+        base_width=cfg["base_width"],
+        channel_mults=cfg["channel_mults"],
+        num_res_blocks=cfg["num_res_blocks"],
+        canon_hidden=cfg["canon_hidden"],
+        canon_layers=cfg["canon_layers"],
+        canon_downsample=cfg["canon_downsample"],
+        schedule=CosineSchedule(cfg["timesteps"]),
+    )
+    ckpt = torch.load(find_latest_checkpoint(out / "canon-c8" / "checkpoints"), weights_only=False)
+    model.load_state_dict(ckpt["model"])  # the quick preset evaluates the raw weights
+    model.eval()
+    test = RotatedMNIST(data, split="test", symmetric=True, test_size=32)
+    loader = DataLoader(test, batch_size=cfg["eval_batch"])
+    ev = denoising_test_loss(model, loader, seed=cfg["eval_seed"])
+    assert float(ev["loss"].mean()) == pytest.approx(results["canon-c8"]["test_loss"], rel=1e-6)
     images = torch.rand(6, 1, 28, 28) * 2 - 1
-    ev = rotmnist.evaluate(model, images, batch_size=6, seed=7)
+    ev = denoising_test_loss(model, images, batch_size=6, seed=7)
     with torch.no_grad():
         ref = model.training_loss(images, generator=torch.Generator().manual_seed(7))
     assert torch.allclose(ev["loss"].float(), ref.per_sample, atol=1e-6)
     assert torch.equal(ev["t"], ref.t)
 
     # `report` rebuilds the same summary from the folders
-    again = rotmnist.main(["report", "--out", str(out)])
+    again = main(["report", "--out", str(out)])
     assert again["results"]["unet"]["test_loss"] == results["unet"]["test_loss"]
