@@ -1,9 +1,10 @@
 """Canonicalizers: maps to a canonical pose with an equivariant group element.
 
 ``EquiAdaptCanonicalizer`` (an adapter for equiadapt's image canonicalizers, documented in
-:mod:`canonwrap.canonicalizers.equiadapt`) is loaded lazily on first attribute access and is
-not in ``__all__``, so importing canonwrap never imports the adapter or equiadapt. Import it
-as ``from canonwrap.canonicalizers.equiadapt import EquiAdaptCanonicalizer``.
+[`canonwrap.canonicalizers.equiadapt`][canonwrap.canonicalizers.equiadapt]) is loaded lazily on
+first attribute access and is not in ``__all__``, so importing canonwrap never imports the adapter
+or equiadapt. Import it as
+``from canonwrap.canonicalizers.equiadapt import EquiAdaptCanonicalizer``.
 """
 
 from __future__ import annotations

@@ -17,14 +17,14 @@ class CanonOutput:
 
     Attributes
     ----------
-    canonical:
+    canonical
         The data in canonical pose, same layout as the input (tensor ``[B, ...]`` or a
         point-cloud ``Batch``). Invariant: ``c(g . x) == c(x)``.
-    element:
+    element
         The group element per sample, ``h(x)``, in the layout of ``group``. Equivariant:
         ``h(g . x) == g . h(x)``, and ``x == h(x) . c(x)`` (up to the normalisation the
         canonicalizer documents, such as centring).
-    prior_loss:
+    prior_loss
         Optional scalar regularisation (e.g. a prior pulling ``h(x)`` towards the identity);
         ``None`` when the canonicalizer has none.
     """
@@ -35,10 +35,13 @@ class CanonOutput:
 
 
 class Canonicalizer(nn.Module, ABC):
-    """A map ``x -> (h(x), h(x)^-1 . x)`` with ``h`` equivariant under :attr:`group`.
+    """A map ``x -> (h(x), h(x)^-1 . x)`` with ``h`` equivariant under
+    [`group`][canonwrap.canonicalizers.Canonicalizer.group].
 
-    Subclasses implement :meth:`forward` and set :attr:`group`. A canonicalizer keeps no
-    state between calls: everything it computed is in the returned :class:`CanonOutput`.
+    Subclasses implement [`forward`][canonwrap.canonicalizers.Canonicalizer.forward] and set
+    [`group`][canonwrap.canonicalizers.Canonicalizer.group]. A canonicalizer keeps no state between
+    calls: everything it computed is in the returned
+    [`CanonOutput`][canonwrap.canonicalizers.CanonOutput].
     """
 
     group: Group
@@ -57,7 +60,8 @@ class Canonicalizer(nn.Module, ABC):
 
 
 class Frozen(Canonicalizer):
-    """A canonicalizer whose parameters are fixed (see :func:`frozen`)."""
+    """A canonicalizer whose parameters are fixed (see
+    [`frozen`][canonwrap.canonicalizers.frozen])."""
 
     def __init__(self, inner: Canonicalizer) -> None:
         super().__init__()

@@ -3,18 +3,18 @@
 Three sources, tried in this order by ``source="auto"``:
 
 ``"amat"``
-    The rotated-MNIST benchmark of Larochelle et al. (2007), ``mnist_rotation_new.zip``:
+:   The rotated-MNIST benchmark of Larochelle et al. (2007), ``mnist_rotation_new.zip``:
     ``mnist_all_rotation_normalized_float_train_valid.amat`` (12,000 digits) and
     ``mnist_all_rotation_normalized_float_test.amat`` (50,000 digits). Each text row holds
     784 grey levels in ``[0, 1]`` followed by the label.
 ``"idx"``
-    The standard MNIST IDX files (``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``
+:   The standard MNIST IDX files (``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``
     and, when present, ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``; each
     raw or ``.gz``). Each digit is rotated by its own angle drawn uniformly from
     ``[0, 2 pi)`` with a seeded generator (bilinear, about the image centre, zero padding,
     via [`canonwrap.groups.rotate_images`][canonwrap.groups.rotate_images]).
 ``"torchvision"``
-    ``torchvision.datasets.MNIST(root, download=False)`` when torchvision imports; its
+:   ``torchvision.datasets.MNIST(root, download=False)`` when torchvision imports; its
     digits are rotated as for ``"idx"``. Nothing is ever downloaded.
 
 Files are looked for in ``root`` and in its sub-folders ``mnist_rotation_new``,
@@ -172,22 +172,20 @@ class RotatedMNIST(Dataset):
     """Rotated MNIST digits as ``(image [1, 28, 28] float32, label long)`` pairs.
 
     Splits
-        =========  ==========================  ===================  =====================
-        split      ``"amat"``                  IDX with train files  IDX, t10k files only
-        =========  ==========================  ===================  =====================
-        train      train_valid rows 0-9,999    60,000 train digits   t10k minus holdout
-        valid      train_valid rows 10,000+    --                    --
-        trainval   all 12,000 train_valid      --                    --
-        test       50,000 test rows            10,000 t10k digits    holdout of t10k
-        all        --                          train + t10k          all 10,000 t10k
-        =========  ==========================  ===================  =====================
+    :   | split | ``"amat"`` | IDX with train files | IDX, t10k files only |
+        | --- | --- | --- | --- |
+        | train | train_valid rows 0-9,999 | 60,000 train digits | t10k minus holdout |
+        | valid | train_valid rows 10,000+ | -- | -- |
+        | trainval | all 12,000 train_valid | -- | -- |
+        | test | 50,000 test rows | 10,000 t10k digits | holdout of t10k |
+        | all | -- | train + t10k | all 10,000 t10k |
 
         The holdout (IDX or torchvision without the 60,000 training digits) is
         [`holdout_split`][canonwrap.data.rotmnist.holdout_split] with ``test_size`` and
         ``split_seed``: 8,000 / 2,000 by default. ``torchvision`` follows the IDX columns.
 
     Angles
-        For IDX and torchvision data, digit ``i`` of the t10k file is rotated by angle
+    :   For IDX and torchvision data, digit ``i`` of the t10k file is rotated by angle
         ``i`` of [`rotate_digits`][canonwrap.data.rotmnist.rotate_digits] with ``seed``, digit ``i``
         of the train file by angle ``i`` with ``seed + 1_000_003``; a digit keeps its angle whatever
         the split. ``angles`` holds them (``None`` for ``.amat`` data, whose angles are unknown).
