@@ -35,7 +35,7 @@ Run::
 
     python examples/custom_group.py                      # about 30 s on one CPU thread
     python examples/custom_group.py --canonicalizer none # the same MLP without it
-    python examples/custom_group.py --steps 60 --timesteps 100 --sample-steps 10
+    python examples/custom_group.py --train-steps 60 --timesteps 100 --sample-steps 10
 """
 
 from __future__ import annotations
@@ -287,19 +287,26 @@ def _fmt(errors: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=2000, help="training steps")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--timesteps", type=int, default=1000)
-    parser.add_argument("--sample-steps", type=int, default=200, help="ancestral steps")
-    parser.add_argument("--num-samples", type=int, default=500)
+    parser.add_argument(
+        "--train-steps", type=int, default=2000, help="training steps (default: %(default)s)"
+    )
+    parser.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    parser.add_argument(
+        "--timesteps", type=int, default=1000, help="diffusion steps T (default: 1000)"
+    )
+    parser.add_argument(
+        "--sample-steps", type=int, default=200, help="ancestral sampling steps (default: 200)"
+    )
+    parser.add_argument("--num-samples", type=int, default=500, help="samples drawn (default: 500)")
     parser.add_argument(
         "--canonicalizer",
         choices=["learned", "none"],
         default="learned",
-        help="'none': the MLP sees the data in random orientation",
+        help="learned: the SO(2) canonicalizer; none: the MLP sees the data in random "
+        "orientation (default: learned)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of everything (default: 0)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -324,14 +331,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     start, losses = time.time(), []
-    window = max(1, min(50, args.steps // 4))
-    for step in range(1, args.steps + 1):
+    window = max(1, min(50, args.train_steps // 4))
+    for step in range(1, args.train_steps + 1):
         out = model.training_loss(rotated_hexagons(args.batch_size, generator=gen), generator=gen)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
         losses.append(out.loss.item())
-        if step % max(1, args.steps // 8) == 0 or step == args.steps:
+        if step % max(1, args.train_steps // 8) == 0 or step == args.train_steps:
             recent = sum(losses[-window:]) / len(losses[-window:])
             print(f"step {step:5d}  loss {recent:.4f}  ({time.time() - start:.0f} s)")
 
