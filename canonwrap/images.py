@@ -1,12 +1,12 @@
 """Image diffusion in one call: a UNet, alone or behind a learned C_n canonicalizer.
 
-:func:`image_diffusion` assembles the pieces of the rotated-MNIST example
-(``examples/rotmnist.py``): a :class:`~canonwrap.nn.UNet` denoiser, optionally behind a
-:class:`~canonwrap.canonicalizers.DiscreteRotationCanonicalizer` (wrapped in
-:class:`~canonwrap.canonicalizers.UnitRange` so that corners brought in by rotations are
-background), a noise schedule and a :class:`~canonwrap.spaces.TensorSpace`. The
-canonicalizer needs the ``images`` extra (escnn). Evaluation helpers are in
-:mod:`canonwrap.metrics.images`.
+[`image_diffusion`][canonwrap.images.image_diffusion] assembles the pieces of the rotated-MNIST
+example (``examples/rotmnist.py``): a [`UNet`][canonwrap.nn.UNet] denoiser, optionally behind a
+[`DiscreteRotationCanonicalizer`][canonwrap.canonicalizers.DiscreteRotationCanonicalizer] (wrapped
+in [`UnitRange`][canonwrap.canonicalizers.UnitRange] so that corners brought in by rotations are
+background), a noise schedule and a [`TensorSpace`][canonwrap.spaces.TensorSpace]. The canonicalizer
+needs the ``images`` extra (escnn). Evaluation helpers are in
+[`canonwrap.metrics.images`][canonwrap.metrics.images].
 """
 
 from __future__ import annotations
@@ -49,25 +49,48 @@ def image_diffusion(
 
     Parameters
     ----------
-    n:
+    n
         Order of the cyclic group of rotations; ``None`` builds the UNet alone (identity
         canonicalizer).
-    in_channels:
+    in_channels
         Image channels.
-    base_width, channel_mults, num_res_blocks, attention:
-        The :class:`~canonwrap.nn.UNet`'s sizes.
-    canon_hidden, canon_layers, canon_kernel, canon_downsample, prior_weight:
+    base_width
+        The [`UNet`][canonwrap.nn.UNet]'s sizes.
+    channel_mults
+        The [`UNet`][canonwrap.nn.UNet]'s sizes.
+    num_res_blocks
+        The [`UNet`][canonwrap.nn.UNet]'s sizes.
+    attention
+        The [`UNet`][canonwrap.nn.UNet]'s sizes.
+    canon_hidden
         The canonicalizer's ``hidden``, ``layers``, ``kernel_size``, ``downsample`` and
-        ``prior_weight`` (see :class:`~canonwrap.canonicalizers.DiscreteRotationCanonicalizer`).
-    freeze_canonicalizer:
-        Keep the canonicalizer at its initial weights (:func:`~canonwrap.canonicalizers.frozen`).
-    value_range:
+        ``prior_weight`` (see
+        [`DiscreteRotationCanonicalizer`][canonwrap.canonicalizers.DiscreteRotationCanonicalizer]).
+    canon_layers
+        The canonicalizer's ``hidden``, ``layers``, ``kernel_size``, ``downsample`` and
+        ``prior_weight`` (see
+        [`DiscreteRotationCanonicalizer`][canonwrap.canonicalizers.DiscreteRotationCanonicalizer]).
+    canon_kernel
+        The canonicalizer's ``hidden``, ``layers``, ``kernel_size``, ``downsample`` and
+        ``prior_weight`` (see
+        [`DiscreteRotationCanonicalizer`][canonwrap.canonicalizers.DiscreteRotationCanonicalizer]).
+    canon_downsample
+        The canonicalizer's ``hidden``, ``layers``, ``kernel_size``, ``downsample`` and
+        ``prior_weight`` (see
+        [`DiscreteRotationCanonicalizer`][canonwrap.canonicalizers.DiscreteRotationCanonicalizer]).
+    prior_weight
+        The canonicalizer's ``hidden``, ``layers``, ``kernel_size``, ``downsample`` and
+        ``prior_weight`` (see
+        [`DiscreteRotationCanonicalizer`][canonwrap.canonicalizers.DiscreteRotationCanonicalizer]).
+    freeze_canonicalizer
+        Keep the canonicalizer at its initial weights ([`frozen`][canonwrap.canonicalizers.frozen]).
+    value_range
         Range ``(low, high)`` of the images; the canonicalizer is wrapped in
-        :class:`~canonwrap.canonicalizers.UnitRange` with it. ``None`` for images already
+        [`UnitRange`][canonwrap.canonicalizers.UnitRange] with it. ``None`` for images already
         in ``[0, 1]`` (no wrapper).
-    schedule:
+    schedule
         Noise schedule; default ``CosineSchedule(1000)``, the usual choice for images.
-    seed:
+    seed
         When given, the UNet is built right after ``torch.manual_seed(seed)`` and the
         canonicalizer after ``torch.manual_seed(seed + 1)``, so that models with and
         without canonicalizer start from the same UNet weights, and models with the same

@@ -113,9 +113,9 @@ class EGNNCanonicalizer(Canonicalizer):
     num_features : int
         ``F``, the width of ``data.x`` (0: the network sees positions only).
     hidden : int
-        Width and depth of the EGNN (published size: 64 x 9).
+        Width of the EGNN (published size: 64).
     layers : int
-        Width and depth of the EGNN (published size: 64 x 9).
+        Number of EGNN blocks (published size: 9).
     vector_channels : int
         ``C``, vector channels per node.
     inv_sublayers

@@ -13,20 +13,22 @@ class UnitRange(Canonicalizer):
     """Canonicalize images in ``[low, high]`` (default ``[-1, 1]``) by rotating them in ``[0, 1]``.
 
     Rotations by angles other than multiples of 90 degrees bring in corners that
-    :func:`~canonwrap.groups.rotate_images` fills with zeros. For images in ``[-1, 1]`` (the
-    usual range for image diffusion) a zero is mid-grey, not background, so the canonical
+    [`rotate_images`][canonwrap.groups.rotate_images] fills with zeros. For images in ``[-1, 1]``
+    (the usual range for image diffusion) a zero is mid-grey, not background, so the canonical
     images would get grey corners that the data never has. This wrapper hands
-    ``(x - low) / (high - low)`` to the inner canonicalizer (whose scoring network then sees
-    the usual ``[0, 1]`` images) and maps the canonical images back with
-    ``low + (high - low) c``: padded corners take the value ``low`` (background). The group
-    element, the prior loss and the gradients are those of the inner canonicalizer.
+    ``(x - low) / (high - low)`` to the inner canonicalizer (whose scoring network then sees the
+    usual ``[0, 1]`` images) and maps the canonical images back with ``low + (high - low) c``:
+    padded corners take the value ``low`` (background). The group element, the prior loss and the
+    gradients are those of the inner canonicalizer.
 
     Parameters
     ----------
-    inner:
+    inner
         An image canonicalizer acting on ``[B, C, H, W]`` tensors in ``[0, 1]``, such as
-        :class:`~canonwrap.canonicalizers.DiscreteRotationCanonicalizer`.
-    low, high:
+        [`DiscreteRotationCanonicalizer`][canonwrap.canonicalizers.DiscreteRotationCanonicalizer].
+    low
+        The range of the data; ``low`` is the background value.
+    high
         The range of the data; ``low`` is the background value.
 
     Examples

@@ -1,6 +1,7 @@
-"""Datasets: QM9 molecules (:mod:`canonwrap.data.qm9`) and rotated MNIST
-(:mod:`canonwrap.data.rotmnist`; needs only numpy and torch, its rotations are
-:func:`canonwrap.groups.rotate_images`). Toy point clouds are in :mod:`canonwrap.data.toy`."""
+"""Datasets: QM9 molecules (``canonwrap.data.qm9``) and rotated MNIST
+([`canonwrap.data.rotmnist`][canonwrap.data.rotmnist]; needs only numpy and torch, its rotations are
+[`canonwrap.groups.rotate_images`][canonwrap.groups.rotate_images]). Toy point clouds are in
+[`canonwrap.data.toy`][canonwrap.data.toy]."""
 
 from canonwrap.data.qm9 import QM9, QM9_ATOM_TYPES, qm9_features
 from canonwrap.data.rotmnist import RotatedMNIST

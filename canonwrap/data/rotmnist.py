@@ -207,9 +207,9 @@ class RotatedMNIST(Dataset):
     symmetric
         Scale grey levels from ``[0, 1]`` to ``[-1, 1]``.
     test_size
-        The holdout used when only the t10k digits exist.
+        Size of the test holdout taken from the t10k digits when only those exist.
     split_seed
-        The holdout used when only the t10k digits exist.
+        Seed of that holdout.
     amat_transpose
         See [`read_amat`][canonwrap.data.rotmnist.read_amat].
 

@@ -1,14 +1,17 @@
 """Held-out evaluation of image diffusion models, and how a C_n canonicalizer poses images.
 
-- :func:`denoising_test_loss`: the per-image test reconstruction loss (Algorithm 1's loss
+- [`denoising_test_loss`][canonwrap.metrics.images.denoising_test_loss]: the per-image test
+reconstruction loss (Algorithm 1's loss
   on held-out images) with one seeded draw of ``t`` and noise, so that several models can
   be compared image by image (paired);
-- :func:`loss_by_t`: that loss in low, middle and high noise ranges;
-- :func:`orientation_concentration`: how consistently the canonical images of each class
+- [`loss_by_t`][canonwrap.metrics.images.loss_by_t]: that loss in low, middle and high noise ranges;
+- [`orientation_concentration`][canonwrap.metrics.images.orientation_concentration]: how
+consistently the canonical images of each class
   are oriented, when the rotation of every input image is known;
-- :func:`exact_pose_mask` and :func:`split_by_exactness`: which canonical poses are exact
+- [`exact_pose_mask`][canonwrap.metrics.images.exact_pose_mask] and
+[`split_by_exactness`][canonwrap.metrics.images.split_by_exactness]: which canonical poses are exact
   pixel permutations (multiples of 90 degrees) and which were interpolated;
-- :func:`standard_error`: the standard error of a mean.
+- [`standard_error`][canonwrap.metrics.images.standard_error]: the standard error of a mean.
 
 Only PyTorch is needed (no escnn).
 """
@@ -61,28 +64,28 @@ def denoising_test_loss(
     """Per-image test reconstruction loss with a fixed draw of ``t`` and noise.
 
     For each batch the canonicalizer runs once; the loss is then
-    :meth:`CanonicalizedDiffusion.training_loss` of the same denoiser on the canonical
-    images with an identity canonicalizer. This is the same computation as
-    ``model.training_loss(x, generator)`` batch by batch (a canonicalizer draws no random
-    numbers, so ``t`` and the noise come from ``generator`` in the same order), and it also
-    returns the group element of every image. Two models evaluated with the same ``seed``,
-    images and batches see the same ``t`` and the same noise for every image, so their
-    per-image losses can be compared pairwise.
+    [`CanonicalizedDiffusion.training_loss`][canonwrap.diffusion.CanonicalizedDiffusion.training_loss]
+    of the same denoiser on the canonical images with an identity canonicalizer. This is the same
+    computation as ``model.training_loss(x, generator)`` batch by batch (a canonicalizer draws no
+    random numbers, so ``t`` and the noise come from ``generator`` in the same order), and it also
+    returns the group element of every image. Two models evaluated with the same ``seed``, images
+    and batches see the same ``t`` and the same noise for every image, so their per-image losses can
+    be compared pairwise.
 
     Parameters
     ----------
-    model:
+    model
         The trained model; put it in eval mode first (``model.eval()``).
-    images:
+    images
         Test images ``[N, C, H, W]`` (then ``batch_size`` is required), or an iterable of
         batches such as a ``DataLoader`` without shuffling; a batch is a tensor or a
         tuple/list whose first item is the image tensor (``(images, labels)``).
-    seed:
+    seed
         Seed of the CPU generator of ``t`` and the noise.
-    batch_size:
+    batch_size
         Images per batch when ``images`` is a tensor. The batches must be the same for
         every model compared (the draw of ``t`` and noise follows them).
-    progress:
+    progress
         Show a tqdm progress bar.
 
     Returns
@@ -145,14 +148,14 @@ def orientation_concentration(
 
     Parameters
     ----------
-    angles:
+    angles
         Rotation of each input image in radians ``[N]`` (e.g. ``RotatedMNIST.angles``), or
         ``None`` when unknown.
-    elements:
+    elements
         Group elements ``[N]`` (integers ``k``, the rotation by ``2 pi k / n``).
-    labels:
+    labels
         Class of each image ``[N]``.
-    n:
+    n
         Order of the cyclic group (1 for a model without canonicalizer).
 
     Returns
@@ -180,7 +183,7 @@ def orientation_concentration(
 def exact_pose_mask(element: Tensor, n: int) -> Tensor:
     """Which elements ``k [N]`` of C_n rotate images exactly (a multiple of 90 degrees).
 
-    :func:`~canonwrap.groups.rotate_images` permutes pixels for multiples of 90 degrees
+    [`rotate_images`][canonwrap.groups.rotate_images] permutes pixels for multiples of 90 degrees
     and interpolates bilinearly otherwise (which also smooths the image). The rotation by
     ``2 pi k / n`` is a multiple of 90 degrees when ``4 k`` is a multiple of ``n``. Returns a
     boolean ``[N]``.
@@ -193,7 +196,7 @@ def split_by_exactness(values: Tensor, element: Tensor, n: int) -> dict[str, flo
 
     Use it on paired loss differences (a canonicalized model minus a plain one, image by
     image) to tell a gain from alignment apart from a gain on images smoothed by an
-    interpolated canonical pose (see :func:`exact_pose_mask`).
+    interpolated canonical pose (see [`exact_pose_mask`][canonwrap.metrics.images.exact_pose_mask]).
 
     Returns
     -------

@@ -205,13 +205,13 @@ class EGNN(nn.Module):
     Parameters
     ----------
     in_features : int
-        Node input and output widths of the invariant stream.
+        Node input width of the invariant stream.
     out_features : int
-        Node input and output widths of the invariant stream.
+        Node output width of the invariant stream.
     hidden : int
-        Width and number of blocks.
+        Width of the blocks.
     layers : int
-        Width and number of blocks.
+        Number of blocks.
     vector_channels : int
         ``C``.
     coords_range : float
@@ -307,9 +307,9 @@ class EGNNDenoiser(nn.Module):
     num_features : int
         ``F`` (QM9: 6).
     hidden : int
-        Width and depth (published size: 256 x 9).
+        Width (published size: 256).
     layers : int
-        Width and depth (published size: 256 x 9).
+        Number of blocks (published size: 9).
     vector_channels : int
         Vector channels per node (1 is EDM; more gives Levy et al.'s multi-channel EGNN;
         the position noise is read from channel 0).

@@ -100,13 +100,13 @@ class GNN(nn.Module):
     Parameters
     ----------
     in_features : int
-        Input and output widths per node.
+        Input width per node.
     out_features : int
-        Input and output widths per node.
+        Output width per node.
     hidden : int
-        Width and number of [`GCL`][canonwrap.nn.GCL] layers.
+        Width of the [`GCL`][canonwrap.nn.GCL] layers.
     layers : int
-        Width and number of [`GCL`][canonwrap.nn.GCL] layers.
+        Number of [`GCL`][canonwrap.nn.GCL] layers.
     edge_features : int
         Width of the edge attributes passed to every layer (0 for none).
     attention
@@ -162,9 +162,9 @@ class GNNDenoiser(nn.Module):
     num_features : int
         ``F``, the width of ``z_t.x`` (QM9: 6).
     hidden : int
-        Width and depth (published size: 256 x 9).
+        Width (published size: 256).
     layers : int
-        Width and depth (published size: 256 x 9).
+        Number of layers (published size: 9).
     distance_features : bool
         Add squared pairwise distances as edge attributes (not in EDM's GDM).
     attention
