@@ -1,4 +1,4 @@
-"""Datasets: QM9 molecules (``canonwrap.data.qm9``) and rotated MNIST
+"""Datasets: QM9 molecules ([`canonwrap.data.qm9`][canonwrap.data.qm9]) and rotated MNIST
 ([`canonwrap.data.rotmnist`][canonwrap.data.rotmnist]; needs only numpy and torch, its rotations are
 [`canonwrap.groups.rotate_images`][canonwrap.groups.rotate_images]). Toy point clouds are in
 [`canonwrap.data.toy`][canonwrap.data.toy]."""

@@ -408,7 +408,7 @@ def _load_qm9pack_store(
     Parameters
     ----------
     root : path, optional
-        Cache folder; defaults to ``default_cache_dir``.
+        Cache folder; defaults to [`default_cache_dir`][canonwrap.data.qm9.default_cache_dir].
     limit : int, optional
         Parse only the first ``limit`` molecules, cached in a separate file (testing hook).
     progress : bool, default True
@@ -529,12 +529,14 @@ class QM9(Dataset):
     Parameters
     ----------
     split : Literal["train", "valid", "test"], default "train"
-        EDM split: 100,000 / 17,748 / 13,083 molecules (see ``qm9_split_indices``).
+        EDM split: 100,000 / 17,748 / 13,083 molecules (see
+        [`qm9_split_indices`][canonwrap.data.qm9.qm9_split_indices]).
     remove_h : bool, default False
         Drop hydrogen atoms; ``x`` then one-hot encodes C, N, O, F only (``[n, 5]``) and
         positions are centred on the heavy atoms.
     root : path, optional
-        For ``source="qm9pack"`` the cache folder (default ``default_cache_dir``,
+        For ``source="qm9pack"`` the cache folder (default
+        [`default_cache_dir`][canonwrap.data.qm9.default_cache_dir],
         i.e. ``$CANONWRAP_CACHE/qm9`` or ``~/.cache/canonwrap/qm9``); for ``source="pyg"``
         the (required) folder of an already downloaded ``torch_geometric.datasets.QM9``.
     source : Literal["qm9pack", "pyg"], default "qm9pack"
