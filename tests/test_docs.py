@@ -5,6 +5,7 @@ import importlib.util
 import re
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,118 @@ def test_api_reference_covers_every_module():
         and (p.suffix == ".py" or (p / "__init__.py").is_file())
     }
     assert not public - set(_api_modules()), sorted(public - set(_api_modules()))
+
+
+class _APIPage(HTMLParser):
+    """Collects, from the generated API page, the text outside code and every item of the
+    parameter / attribute / return tables with the object it belongs to."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.text: list[str] = []
+        self.prose: list[str] = []  # text outside <code> and <pre>
+        self.items: list[tuple[str, str, str]] = []  # (object id, item name, description)
+        self._code = 0
+        self._object = ""
+        self._name: list[str] | None = None
+        self._item_name = ""
+        self._desc: list[str] | None = None
+        self._desc_depth = 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag in ("code", "pre"):
+            self._code += 1
+        if (attrs.get("id") or "").startswith("canonwrap") and "doc-heading" in (
+            attrs.get("class") or ""
+        ):
+            self._object = attrs["id"]
+        if tag == "li":
+            self._name, self._item_name = [], ""
+        if self._desc is not None and tag == "div":
+            self._desc_depth += 1
+        elif tag == "div" and "doc-md-description" in (attrs.get("class") or "").split():
+            self._item_name = " ".join("".join(self._name or []).split())
+            self._name = None
+            self._desc, self._desc_depth = [], 1
+
+    def handle_endtag(self, tag):
+        if tag in ("code", "pre"):
+            self._code -= 1
+        if self._desc is not None and tag == "div":
+            self._desc_depth -= 1
+            if self._desc_depth == 0:
+                self.items.append((self._object, self._item_name, "".join(self._desc).strip()))
+                self._desc = None
+
+    def handle_data(self, data):
+        if self._name is not None:
+            self._name.append(data)
+        if self._desc is not None:
+            self._desc.append(data)
+        self.text.append(data)
+        if not self._code:
+            self.prose.append(data)
+
+
+@pytest.fixture(scope="module")
+def api_page(site):
+    parser = _APIPage()
+    parser.feed((site / "api" / "index.html").read_text())
+    return parser
+
+
+def test_api_page_has_no_literal_sphinx_markup(api_page):
+    """Docstrings use Markdown and mkdocstrings cross-references, not reST roles or ``::``."""
+    roles = re.findall(
+        r".{0,40}:(?:meth|class|func|attr|mod|data|obj|exc):`?\w.{0,40}", "".join(api_page.text)
+    )
+    assert not roles, "reST roles printed literally (use [`Name`][canonwrap.module.Name]):\n" + (
+        "\n".join(roles)
+    )
+    text = "".join(api_page.prose)
+    literal = re.findall(r".{0,60}\S::\s*$", text, flags=re.M)
+    assert not literal, "reST '::' printed literally:\n" + "\n".join(literal)
+    links = re.findall(r".{0,40}\]\[canonwrap[\w.]*\].{0,20}", "".join(api_page.text))
+    assert not links, "cross-references left as text (inside a code block?):\n" + "\n".join(links)
+    doctest = re.findall(r"^\s*>>>.{0,60}", text, flags=re.M)
+    assert not doctest, "doctest lines rendered as text (put them in an Examples section):\n" + (
+        "\n".join(doctest)
+    )
+
+
+def test_api_page_has_no_indented_paragraph_lines(site):
+    """A reST definition list ("Term" + indented text) is one run-on paragraph in Markdown:
+    write "Term" then ":   definition" (def_list) instead."""
+    html = (site / "api" / "index.html").read_text()
+    runs = re.findall(r"<p>([^<\n]{0,60})\n {4,}\S", html)
+    assert not runs, f"paragraphs with indented continuation lines: {runs}"
+
+
+def test_api_page_parameters_have_descriptions(api_page):
+    """Every parameter, attribute, return value and exception listed has its description."""
+    assert len(api_page.items) > 100, "no parameter tables found: has the page layout changed?"
+    empty = [f"{obj}: {name}" for obj, name, desc in api_page.items if not desc]
+    assert not empty, "items rendered without a description (check the numpy sections):\n" + (
+        "\n".join(empty)
+    )
+
+
+def test_docstring_sections_name_one_parameter_per_entry():
+    """``a, b : int`` entries make griffe show the first name's default for every name."""
+    bad = []
+    for path in sorted((ROOT / "canonwrap").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            doc = ast.get_docstring(node) or ""
+            lines = doc.splitlines()
+            section = None
+            for i, line in enumerate(lines):
+                if i + 1 < len(lines) and re.fullmatch(r"-{3,}", lines[i + 1].strip()):
+                    section = line.strip()
+                elif section in ("Parameters", "Other Parameters", "Attributes") and re.match(
+                    r"\**\w+\s*,\s*\**\w+", line
+                ):
+                    bad.append(f"{path.relative_to(ROOT)}:{node.name}: {line.strip()}")
+    assert not bad, "one entry per parameter, please:\n" + "\n".join(bad)
