@@ -3,7 +3,7 @@
 Checks already covered elsewhere are not repeated here: non-finite and empty data, wrong
 ``pos`` shapes, wrong denoiser output shapes, devices (``test_diffusion.py``), unknown atom
 types (``data/test_qm9.py``), corrupt QM9 caches and qm9pack files (``data/test_qm9.py``),
-incompatible checkpoints (``test_training.py``), bad molecules in ``metrics.evaluate``
+incompatible checkpoints (``training/test_checkpoint.py``), bad molecules in ``metrics.evaluate``
 (``metrics/test_molecules.py``), non-square images and wrong channel counts
 (``canonicalizers/test_discrete_rotation.py``, ``groups/test_groups.py``) and the EGNN
 canonicalizer's feature width (``canonicalizers/test_egnn_canonicalizer.py``).

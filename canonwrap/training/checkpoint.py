@@ -1,0 +1,117 @@
+"""Checkpoint files: atomic writes, ``ckpt_<step>.pt`` naming, finding, reading, pruning.
+
+Also the name/shape comparison that explains why a checkpoint or EMA state does not fit a
+model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from canonwrap._io import atomic_torch_save
+
+__all__ = ["CHECKPOINT_FORMAT", "atomic_torch_save", "find_latest_checkpoint"]
+
+CHECKPOINT_FORMAT = "canonwrap.trainer/1"
+"""The ``"format"`` entry of every Trainer checkpoint; ``Trainer.resume`` rejects other files."""
+_CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
+
+
+def _checkpoint_name(step: int) -> str:
+    return f"ckpt_{step:09d}.pt"
+
+
+def _checkpoint_files(directory: Path) -> list[tuple[int, Path]]:
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in directory.iterdir():
+        match = _CKPT_RE.match(entry.name)
+        if match and entry.is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def find_latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
+    """The ``ckpt_<step>.pt`` file with the highest step in ``directory`` (``None`` if none)."""
+    files = _checkpoint_files(Path(directory))
+    return files[-1][1] if files else None
+
+
+def _prune_checkpoints(directory: Path, keep: int, current: Path) -> None:
+    """Delete all but the newest ``keep`` checkpoints of ``directory``, never ``current``."""
+    files = _checkpoint_files(directory)
+    for _, old in files[: max(len(files) - keep, 0)]:
+        if old != current:
+            with contextlib.suppress(OSError):
+                old.unlink()
+
+
+def _load_checkpoint(path: Path, *, weights_only: bool) -> tuple[Path, Mapping[str, Any]]:
+    """Read a checkpoint file, or the latest ``ckpt_<step>.pt`` of a folder.
+
+    Returns the file read and its contents; raises ``FileNotFoundError`` if there is none
+    and ``ValueError`` if it is unreadable or no Trainer checkpoint.
+    """
+    if path.is_dir():
+        latest = find_latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"no ckpt_<step>.pt checkpoint in {path}")
+        path = latest
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as err:  # truncated or corrupt files fail deep inside torch.load
+        raise ValueError(
+            f"cannot read checkpoint {path} ({path.stat().st_size} bytes; truncated or "
+            f"corrupt?): {type(err).__name__}: {err}"
+        ) from err
+    if not isinstance(ckpt, Mapping) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a canonwrap Trainer checkpoint")
+    return path, ckpt
+
+
+def _shape_mismatches(
+    expected: Mapping[str, tuple[int, ...]],
+    found: Mapping[str, tuple[int, ...]],
+    *,
+    expected_name: str = "model",
+    found_name: str = "checkpoint",
+    limit: int = 20,
+) -> list[str]:
+    """Human-readable lines describing how two ``name -> shape`` tables differ."""
+
+    def fmt(names: list[str], table: Mapping[str, tuple[int, ...]]) -> str:
+        shown = ", ".join(f"{n} {list(table[n])}" for n in names[:limit])
+        more = f", ... and {len(names) - limit} more" if len(names) > limit else ""
+        return shown + more
+
+    missing = [n for n in expected if n not in found]
+    unexpected = [n for n in found if n not in expected]
+    shapes = [n for n in expected if n in found and tuple(expected[n]) != tuple(found[n])]
+    lines = []
+    if missing:
+        lines.append(f"missing in {found_name} ({len(missing)}): {fmt(missing, expected)}")
+    if unexpected:
+        lines.append(f"unexpected in {found_name} ({len(unexpected)}): {fmt(unexpected, found)}")
+    if shapes:
+        shown = ", ".join(
+            f"{n}: {found_name} {list(found[n])} vs {expected_name} {list(expected[n])}"
+            for n in shapes[:limit]
+        )
+        more = f", ... and {len(shapes) - limit} more" if len(shapes) > limit else ""
+        lines.append(f"shape mismatch ({len(shapes)}): {shown}{more}")
+    return lines
+
+
+def _shapes(tensors: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) if isinstance(v, Tensor) else () for k, v in tensors.items()}
