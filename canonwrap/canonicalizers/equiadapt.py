@@ -22,10 +22,10 @@ Installing equiadapt
     image canonicalizers) and needs kornia, e2cnn, omegaconf and hydra-core. The PyPI
     torchvision wheels are built against the CUDA builds of torch, so they do not import
     beside a CPU-only torch (``operator torchvision::nms does not exist``). The project's
-    route is a separate environment with a matching pair, which ``scripts/setup.sh`` creates
-    by default (``CANONWRAP_EQUIADAPT=0`` skips it):
+    route is a separate environment with a matching pair, which ``scripts/setup.sh --tests``
+    creates (``CANONWRAP_EQUIADAPT=0`` skips it):
 
-        bash scripts/setup.sh      # also creates .venv-equiadapt
+        bash scripts/setup.sh --tests   # also creates .venv-equiadapt
 
     which installs ``torch==2.14.1 torchvision==0.29.1`` (a CUDA build that also runs on
     CPU), ``equiadapt`` without its dependencies plus ``e2cnn kornia hydra-core omegaconf``,
@@ -48,7 +48,7 @@ __all__ = ["EquiAdaptCanonicalizer"]
 _INSTALL_HINT = (
     "EquiAdaptCanonicalizer needs equiadapt (>= 0.1.2) with a torchvision that matches the "
     "installed torch. Create the separate environment with "
-    "`bash scripts/setup.sh` (.venv-equiadapt: torch 2.14.1 + "
+    "`bash scripts/setup.sh --tests` (.venv-equiadapt: torch 2.14.1 + "
     "torchvision 0.29.1 + equiadapt), or `pip install 'canonwrap[equiadapt]'` where torch "
     "and torchvision match"
 )

@@ -2,7 +2,7 @@
 
 equiadapt 0.1.2 imports torchvision, which does not import beside the project's CPU build of
 torch, so these tests usually run in the separate environment ``.venv-equiadapt`` that
-``bash scripts/setup.sh`` creates (unless ``CANONWRAP_EQUIADAPT=0``):
+``bash scripts/setup.sh --tests`` creates (unless ``CANONWRAP_EQUIADAPT=0``):
 
 - where equiadapt imports (inside ``.venv-equiadapt``), the tests below run in-process;
 - elsewhere :func:`test_in_equiadapt_venv` runs this same file with ``.venv-equiadapt``'s
@@ -305,7 +305,7 @@ def test_in_equiadapt_venv():
     if not EQ_PYTHON.exists():
         pytest.skip(
             f"equiadapt does not import here ({IMPORT_ERROR}) and .venv-equiadapt is absent: "
-            "create it with `bash scripts/setup.sh` (without CANONWRAP_EQUIADAPT=0)"
+            "create it with `bash scripts/setup.sh --tests` (without CANONWRAP_EQUIADAPT=0)"
         )
     env = dict(os.environ, CANONWRAP_TEST_THREADS="1", OMP_NUM_THREADS="1")
     env.pop("PYTHONPATH", None)
