@@ -27,9 +27,9 @@ class UnitRange(Canonicalizer):
         An image canonicalizer acting on ``[B, C, H, W]`` tensors in ``[0, 1]``, such as
         [`DiscreteRotationCanonicalizer`][canonwrap.canonicalizers.DiscreteRotationCanonicalizer].
     low
-        The range of the data; ``low`` is the background value.
+        Lower end of the data range: the background value.
     high
-        The range of the data; ``low`` is the background value.
+        Upper end of the data range.
 
     Examples
     --------
