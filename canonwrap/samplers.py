@@ -34,8 +34,9 @@ from torch import Tensor
 
 __all__ = ["Sampler", "AncestralSampler", "DDIMSampler", "DPMSolverSampler", "History"]
 
-#: Per-call, per-state-component scratch space of a sampler (see :meth:`Sampler.begin`).
 History = dict[str, Any]
+"""Per-call, per-state-component scratch space of a sampler (see
+[`Sampler.begin`][canonwrap.samplers.Sampler.begin])."""
 
 
 def _check_num_steps(num_steps: int | None) -> int | None:
@@ -72,8 +73,8 @@ class Sampler(ABC):
         ``T``. Must be ``>= 1``.
     """
 
-    #: add the decoder noise ``sigma_0 / alpha_0`` to the final sample (EDM does)
     final_noise: bool = False
+    """Add the decoder noise ``sigma_0 / alpha_0`` to the final sample (EDM does)."""
 
     def __init__(self, num_steps: int | None = None) -> None:
         self.num_steps = _check_num_steps(num_steps)

@@ -48,18 +48,18 @@ __all__ = [
     "rotate_digits",
 ]
 
-#: file names of the official rotated-MNIST benchmark
 AMAT_FILES = {
     "trainval": "mnist_all_rotation_normalized_float_train_valid.amat",
     "test": "mnist_all_rotation_normalized_float_test.amat",
 }
-#: file names of MNIST in IDX format (each may also end in ``.gz``)
+"""File names of the official rotated-MNIST benchmark."""
 IDX_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 }
-#: rows of the ``train_valid`` file used for training in Larochelle et al.; the rest validate
+"""File names of MNIST in IDX format (each may also end in ``.gz``)."""
 AMAT_NUM_TRAIN = 10_000
+"""Rows of the ``train_valid`` file used for training in Larochelle et al.; the rest validate."""
 _SUBDIRS = (".", "mnist_rotation_new", "MNIST/raw", "raw")
 _TRAIN_SEED_OFFSET = 1_000_003  # the train file's angles use seed + this
 

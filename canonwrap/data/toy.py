@@ -9,12 +9,12 @@ from canonwrap.groups.rotations import SO3
 
 __all__ = ["TETRA_SHAPE", "rotated_shapes", "pairwise_distances"]
 
-#: a 5-point shape with distinct principal moments and non-zero third moments, so its
-#: principal-axes frame is unique (no symmetry); coordinates in arbitrary units
 TETRA_SHAPE = torch.tensor(
     [[0.0, 0.0, 0.0], [1.6, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.6], [0.9, 0.7, 0.3]],
     dtype=torch.float64,
 )
+"""A 5-point shape with distinct principal moments and non-zero third moments, so its
+principal-axes frame is unique (no symmetry); coordinates in arbitrary units."""
 
 
 def rotated_shapes(

@@ -19,8 +19,8 @@ class Group(ABC):
     ``act(compose(a, b), x) == act(a, act(b, x))``.
     """
 
-    #: short human-readable name, e.g. ``"SO(3)"``
     name: str = "group"
+    """Short human-readable name, e.g. ``"SO(3)"``."""
 
     @abstractmethod
     def identity(

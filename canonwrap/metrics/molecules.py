@@ -87,7 +87,6 @@ _RDKIT_HINT = (
     "`pip install canonwrap[molecules]` (or `pip install rdkit`)."
 )
 
-#: Chemical symbols by atomic number (index 0 is a placeholder).
 _SYMBOLS: tuple[str, ...] = tuple(
     (
         "X H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga "
@@ -96,6 +95,7 @@ _SYMBOLS: tuple[str, ...] = tuple(
         "Th Pa U Np Pu Am Cm Bk Cf Es Fm Md No Lr Rf Db Sg Bh Hs Mt Ds Rg Cn Nh Fl Mc Lv Ts Og"
     ).split()
 )
+"""Chemical symbols by atomic number (index 0 is a placeholder)."""
 _Z_OF: dict[str, int] = {sym: z for z, sym in enumerate(_SYMBOLS) if z > 0}
 
 # Typical bond lengths in picometres (the tables used by EDM, which cite wiredchemist.com and
@@ -131,18 +131,18 @@ _TRIPLE_PM: dict[tuple[str, str], int] = {
     ("N", "N"): 110,
 }  # fmt: skip
 
-#: Tolerances in picometres added to the single, double and triple bond lengths (EDM's values,
-#: tuned by its authors to maximise the stability of the QM9 training molecules).
 MARGINS_PM: tuple[int, int, int] = (10, 5, 3)
+"""Tolerances in picometres added to the single, double and triple bond lengths (EDM's values,
+tuned by its authors to maximise the stability of the QM9 training molecules)."""
 
-#: Allowed total bond order per element (EDM's ``allowed_bonds``); a tuple lists alternatives.
 ALLOWED_VALENCES: dict[str, tuple[int, ...]] = {
     "H": (1,), "C": (4,), "N": (3,), "O": (2,), "F": (1,),
     "B": (3,), "Si": (4,), "P": (3, 5), "S": (4,), "Cl": (1,), "As": (3,), "Br": (1,), "I": (1,),
 }  # fmt: skip
+"""Allowed total bond order per element (EDM's ``allowed_bonds``); a tuple lists alternatives."""
 
-#: Atomic numbers accepted by the metrics (elements of the single-bond table), sorted.
 SUPPORTED_ELEMENTS: tuple[int, ...] = tuple(sorted({_Z_OF[s] for pair in _SINGLE_PM for s in pair}))
+"""Atomic numbers accepted by the metrics (elements of the single-bond table), sorted."""
 
 
 def _symmetric(table: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
