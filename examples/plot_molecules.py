@@ -3,7 +3,7 @@ canonicalizer, and the run's generated molecules (which come out in canonical po
 
 Usage::
 
-    python examples/plot_molecules.py --out runs/cpu/canon-gdm --png docs/results/qm9/canon-gdm.png
+    python examples/plot_molecules.py --run runs/cpu/canon-gdm --png docs/results/qm9/canon-gdm.png
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _draw(ax, z, pos, title):
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--out", required=True, help="training folder of examples/qm9.py (holds checkpoints/)"
+        "--run", required=True, help="training folder of examples/qm9.py (its --out)"
     )
     parser.add_argument("--png", required=True, help="figure (PNG) to write")
     parser.add_argument(
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> Path:
     from canonwrap.data import QM9
 
     qm9 = _load_qm9_example()
-    run = Path(args.out)
+    run = Path(args.run)
     model, cfg, _ = qm9.load_trained(run)
     from torch_geometric.data import Batch
 

@@ -42,7 +42,7 @@ def test_qm9_resume_and_ddim_sampling_and_figure(example, tmp_path):
     assert [r["steps"] for r in rows] == [5, 3, 3]
     assert (tmp_path / "svq.md").exists()
     plot = example("plot_molecules")
-    png = plot.main(["--out", str(out), "--png", str(tmp_path / "fig.png"), "--count", "2"])
+    png = plot.main(["--run", str(out), "--png", str(tmp_path / "fig.png"), "--count", "2"])
     assert png.exists() and png.stat().st_size > 1000
 
 
