@@ -669,7 +669,8 @@ def parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=list(CONFIGS),
         default=list(CONFIGS),
-        help="configurations to run, in this order (default: all)",
+        metavar="CONFIG",
+        help=f"configurations to run, in this order, from {{{','.join(CONFIGS)}}} (default: all)",
     )
     run.add_argument(
         "--data",
