@@ -14,15 +14,10 @@ from canonwrap.canonicalizers import (
     frozen,
 )
 from canonwrap.diffusion import CanonicalizedDiffusion, LossOutput, NLLOutput
+from canonwrap.molecules import MoleculeSpace, NodeCountDistribution
 from canonwrap.samplers import AncestralSampler, DDIMSampler, DPMSolverSampler, Sampler
 from canonwrap.schedules import CosineSchedule, NoiseSchedule, PolynomialSchedule
-from canonwrap.spaces import (
-    MoleculeSpace,
-    NodeCountDistribution,
-    PointCloudSpace,
-    Space,
-    TensorSpace,
-)
+from canonwrap.spaces import PointCloudSpace, Space, TensorSpace
 
 __all__ = [
     "__version__",

@@ -22,9 +22,7 @@ from torch import Tensor, nn
 
 from canonwrap.canonicalizers.base import Canonicalizer, CanonOutput
 from canonwrap.canonicalizers.basic import Identity
-from canonwrap.groups._data import is_point_cloud
-from canonwrap.groups.base import Trivial
-from canonwrap.groups.translations import Translations
+from canonwrap.pointclouds import collate_hint, is_point_cloud
 from canonwrap.samplers import AncestralSampler, Sampler
 from canonwrap.schedules import NoiseSchedule, PolynomialSchedule
 from canonwrap.spaces import PointCloudSpace, Space, State, TensorSpace
@@ -97,10 +95,6 @@ def _call_signature_problem(denoiser: Any) -> str | None:
     return None
 
 
-def _lin(a: State, x: State, b: State, y: State) -> State:
-    return tuple(ai * xi + bi * yi for ai, xi, bi, yi in zip(a, x, b, y))
-
-
 class CanonicalizedDiffusion(nn.Module):
     """Wrap any denoiser ``phi(z_t, t)`` with a canonicalizer.
 
@@ -117,7 +111,15 @@ class CanonicalizedDiffusion(nn.Module):
         Noise schedule; default ``PolynomialSchedule(1000, 2, 1e-5)`` as EDM.
     space
         How the data is laid out; default chosen from the data (point cloud or tensor).
-        Give ``PointCloudSpace(num_features=F)`` to sample point clouds from scratch.
+
+    Notes
+    -----
+    Point clouds: the number of node features ``F`` comes from ``space`` when it fixes
+    it, or else from the first training batch; the model keeps it in its ``state_dict``
+    (extra state), so a trained or loaded model samples without declaring the space
+    again. With a space that has ``node_counts`` (such as a
+    [`MoleculeSpace`][canonwrap.molecules.MoleculeSpace] built from the training
+    histogram), ``sample(num_samples=B)`` draws the sizes too.
 
     Examples
     --------
@@ -150,31 +152,114 @@ class CanonicalizedDiffusion(nn.Module):
         self.canonicalizer = canonicalizer if canonicalizer is not None else Identity()
         self.schedule = schedule if schedule is not None else PolynomialSchedule()
         self.space = space
+        self.point_features: int | None = (
+            space.num_features if isinstance(space, PointCloudSpace) else None
+        )
+        """``F`` of the point clouds this model generates (``None``: not known yet)."""
+
+    # ------------------------------------------------------------------ saved with the weights
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"point_features": self.point_features}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        f = state.get("point_features")
+        declared = self.space.num_features if isinstance(self.space, PointCloudSpace) else None
+        if f is not None and declared is not None and int(f) != declared:
+            raise ValueError(
+                f"the saved model generates point clouds with F={f} node features, but this "
+                f"model's space declares num_features={declared}"
+            )
+        if f is not None:
+            self.point_features = int(f)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # weights saved before the feature width was part of the state load as they are
+        state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ helpers
     @property
     def timesteps(self) -> int:
         return self.schedule.timesteps
 
-    def _space(self, data: Any) -> Space:
+    def _checked_space(self, data: Any, record: bool = False) -> Space:
+        """The space of ``data`` after checking it once (``record``: keep the feature width)."""
+        hint = collate_hint(data)
+        if hint:
+            raise TypeError(
+                "CanonicalizedDiffusion takes one batch (a tensor [B, ...] or a "
+                f"torch_geometric Batch); got {type(data).__name__}{hint}"
+            )
         if self.space is not None:
-            return self.space
-        return PointCloudSpace() if is_point_cloud(data) else TensorSpace()
-
-    def _check_device(self, data: Any) -> None:
-        ref = data.pos if is_point_cloud(data) else data
-        if not isinstance(ref, Tensor):
-            return
-        for p in self.parameters():
-            if p.device != ref.device:
+            space = self.space
+        elif is_point_cloud(data):
+            space = PointCloudSpace()
+        elif self.point_features is not None:
+            raise TypeError(
+                f"this model generates point clouds (F={self.point_features} node features); "
+                f"got {type(data).__name__}: pass a torch_geometric Batch with pos and x"
+            )
+        else:
+            space = TensorSpace()
+        space.check(data)
+        self._check_placement(data.pos if is_point_cloud(data) else data, "data")
+        if isinstance(space, PointCloudSpace):
+            h = getattr(data, space.feature_key, None)
+            width = 0 if h is None else int(h.shape[1])
+            if self.point_features is None:
+                if record:
+                    self.point_features = width
+            elif width != self.point_features:
                 raise ValueError(
-                    f"data is on {ref.device} but the model's parameters are on {p.device}; "
-                    "move one of them (model.to(device) or data.to(device))"
+                    f"this model generates point clouds with F={self.point_features} node "
+                    f"features ({space.feature_key} [N, {self.point_features}]); got data "
+                    f"with F={width}"
                 )
-            break
+        return space
+
+    def _check_placement(self, ref: Tensor, what: str) -> None:
+        """Raise if ``ref`` (data or samples) and the parameters differ in device or dtype."""
+        if not isinstance(ref, Tensor):  # a custom space's layout: nothing to compare
+            return
+        p = next(iter(self.parameters()), None)
+        if p is not None and p.device != ref.device:
+            raise ValueError(
+                f"{what} is on {ref.device} but the model's parameters are on {p.device}; "
+                "move one of them (model.to(device) or data.to(device))"
+            )
+        p = next((q for q in self.parameters() if q.is_floating_point()), None)
+        if p is None or p.dtype == ref.dtype:
+            return
+        if what == "data":
+            fix = (
+                f"convert one of them: the model with model.to({ref.dtype}), or the data's "
+                f"floating-point tensors (of a point-cloud batch: pos and the node features) "
+                f"with .to({p.dtype})"
+            )
+        else:
+            fix = f"leave dtype unset to sample in the model's dtype, or call model.to({ref.dtype})"
+        raise ValueError(f"{what} is {ref.dtype} but the model's parameters are {p.dtype}; {fix}")
+
+    def _default_dtype(self) -> torch.dtype:
+        p = next((q for q in self.parameters() if q.is_floating_point()), None)
+        return p.dtype if p is not None else torch.float32
 
     def _gamma(self, steps: Tensor, dtype: torch.dtype) -> Tensor:
         return self.schedule.gammas.to(steps.device)[steps].to(dtype)
+
+    def _alpha_sigma(
+        self, space: Space, steps: Tensor, x: State, template: Any
+    ) -> tuple[State, State]:
+        """``alpha_t`` and ``sigma_t`` at integer ``steps [B]``, broadcast like ``x``."""
+        gamma = self._gamma(steps, x[0].dtype)
+        alpha = space.expand(self.schedule.alpha(gamma), x, template)
+        sigma = space.expand(self.schedule.sigma(gamma), x, template)
+        return alpha, sigma
+
+    def _noisy(self, space: Space, x: State, eps: State, steps: Tensor, template: Any) -> State:
+        """``z_t = alpha_t x + sigma_t eps`` at integer ``steps [B]``."""
+        alpha, sigma = self._alpha_sigma(space, steps, x, template)
+        return tuple(a * xi + s * e for a, xi, s, e in zip(alpha, x, sigma, eps))
 
     def _predict(self, space: Space, z: State, template: Any, steps: Tensor) -> State:
         t = steps.to(z[0].dtype) / self.timesteps
@@ -202,20 +287,15 @@ class CanonicalizedDiffusion(nn.Module):
         generator
             optional generator for ``t`` and ``eps`` (on the data's device or CPU).
         """
-        space = self._space(data)
-        space.state(data)  # validate the raw input before the canonicalizer sees it
-        self._check_device(data)
+        space = self._checked_space(data, record=True)  # before the canonicalizer sees it
         canon = self.canonicalizer(data)
         x = space.state(canon.canonical)
         template = canon.canonical
         b = space.num_samples(template)
         device = x[0].device
         steps = torch.randint(0, self.timesteps + 1, (b,), generator=generator).to(device)
-        gamma = self._gamma(steps, x[0].dtype)
-        alpha = space.expand(self.schedule.alpha(gamma), x, template)
-        sigma = space.expand(self.schedule.sigma(gamma), x, template)
         eps = space.noise(x, template, generator)
-        z = _lin(alpha, x, sigma, eps)
+        z = self._noisy(space, x, eps, steps, template)
         eps_hat = self._predict(space, z, template, steps)
         sq = space.sum_per_sample(tuple((e - h) ** 2 for e, h in zip(eps, eps_hat)), template)
         per_sample = sq / space.loss_dims(template).to(sq)
@@ -262,9 +342,7 @@ class CanonicalizedDiffusion(nn.Module):
         ``c(x)``, which lives on the quotient space: it is not the likelihood of an
         invariant model on ``x`` (that would add the log-volume of the orbit).
         """
-        space = self._space(data)
-        space.state(data)
-        self._check_device(data)
+        space = self._checked_space(data)
         with torch.no_grad():
             canon = self.canonicalizer(data)
             x = space.state(canon.canonical)
@@ -284,10 +362,7 @@ class CanonicalizedDiffusion(nn.Module):
                 g_t = self._gamma(steps, dtype)
                 g_s = self._gamma(steps - 1, dtype)
                 eps = space.noise(x, template, generator)
-                z = _lin(
-                    space.expand(self.schedule.alpha(g_t), x, template), x,
-                    space.expand(self.schedule.sigma(g_t), x, template), eps,
-                )
+                z = self._noisy(space, x, eps, steps, template)
                 eps_hat = self._predict(space, z, template, steps)
                 sq = space.sum_per_sample(
                     tuple((e - h) ** 2 for e, h in zip(eps, eps_hat)), template
@@ -311,10 +386,7 @@ class CanonicalizedDiffusion(nn.Module):
             steps_0 = torch.zeros(b, dtype=torch.long, device=device)
             g_0 = self._gamma(steps_0, dtype)
             eps = space.noise(x, template, generator)
-            z0 = _lin(
-                space.expand(self.schedule.alpha(g_0), x, template), x,
-                space.expand(self.schedule.sigma(g_0), x, template), eps,
-            )
+            z0 = self._noisy(space, x, eps, steps_0, template)
             eps_hat = self._predict(space, z0, template, steps_0)
             recon = space.reconstruction_nll(x, eps, eps_hat, g_0, template)
             size = space.size_nll(template).to(device=device, dtype=dtype)
@@ -334,7 +406,7 @@ class CanonicalizedDiffusion(nn.Module):
         generator: torch.Generator | None = None,
         randomize_pose: bool = False,
         progress: bool = False,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         device: Any = None,
     ) -> Any:
         """Draw samples by running the reverse process of the denoiser alone.
@@ -342,11 +414,13 @@ class CanonicalizedDiffusion(nn.Module):
         Parameters
         ----------
         num_samples
-            For tensors: ``shape`` of one sample (``num_samples`` of them) or of the batch.
+            Number of samples ``B``. For point clouds whose space has ``node_counts``, the
+            size of each sample is drawn from it (``num_nodes`` not needed).
         shape
             For tensors: ``shape`` of one sample (``num_samples`` of them) or of the batch.
         num_nodes
             For point clouds: number of nodes of each sample (sequence or tensor ``[B]``).
+            The number of node features is the model's (see the class notes).
         sampler
             Default [`AncestralSampler`][canonwrap.samplers.AncestralSampler] over all ``T`` steps.
             Each call gives the sampler fresh histories
@@ -357,10 +431,16 @@ class CanonicalizedDiffusion(nn.Module):
         randomize_pose
             Apply a Haar-random group element of the canonicalizer's group to each sample,
             giving samples of the invariant distribution. Without it, samples come in the
-            canonical pose. Translations (non-compact) are represented by centring and are
-            left as they are.
+            canonical pose. Non-compact groups (translations, see
+            [`Group.is_compact`][canonwrap.groups.Group]) have no Haar measure: they are
+            represented by centring and left as they are.
         progress
             Show a progress bar over steps.
+        dtype
+            Floating-point type of the samples; default the model parameters' type
+            (float32 for a model without parameters).
+        device
+            Default the device of the model's parameters (CPU without parameters).
 
         Returns
         -------
@@ -371,8 +451,11 @@ class CanonicalizedDiffusion(nn.Module):
         if device is None:
             p = next(iter(self.parameters()), None)
             device = p.device if p is not None else torch.device("cpu")
+        dtype = dtype if dtype is not None else self._default_dtype()
         sampler = sampler if sampler is not None else AncestralSampler()
-        space, template = self._sampling_template(num_samples, shape, num_nodes, dtype, device)
+        space, template = self._sampling_template(
+            num_samples, shape, num_nodes, generator, dtype, device
+        )
         b = space.num_samples(template)
         x_like = space.state(template)
         z = space.noise(x_like, template, generator)
@@ -403,10 +486,8 @@ class CanonicalizedDiffusion(nn.Module):
                 bar.update(1)
         # final step: x ~ p(x | z_0)
         steps_0 = torch.zeros(b, dtype=torch.long, device=device)
-        g_0 = self._gamma(steps_0, dtype)
         eps_hat = self._predict(space, z, template, steps_0)
-        a0 = space.expand(self.schedule.alpha(g_0), z, template)
-        s0 = space.expand(self.schedule.sigma(g_0), z, template)
+        a0, s0 = self._alpha_sigma(space, steps_0, z, template)
         x = tuple((zi - si * ei) / ai for zi, ei, ai, si in zip(z, eps_hat, a0, s0))
         if sampler.final_noise:
             noise = space.noise(z, template, generator)
@@ -418,25 +499,39 @@ class CanonicalizedDiffusion(nn.Module):
         out = space.to_data(x, template)
         if randomize_pose:
             group = self.canonicalizer.group
-            if not isinstance(group, (Trivial, Translations)):
+            if group.is_compact:
                 g = group.random(b, generator=generator, dtype=dtype, device=device)
                 out = group.act(g, out)
         return out
 
-    def _sampling_template(self, num_samples, shape, num_nodes, dtype, device):
+    def _sampling_template(self, num_samples, shape, num_nodes, generator, dtype, device):
+        """The space to sample in and an all-zero batch of the requested sizes."""
+        space = self.space
+        if space is None and self.point_features is not None:
+            space = PointCloudSpace(num_features=self.point_features)
+        if isinstance(space, PointCloudSpace):
+            template = space.template(
+                self._sizes(space, num_samples, shape, num_nodes, generator),
+                dtype=dtype,
+                device=device,
+                num_features=self.point_features,
+            )
+            self._check_placement(template.pos, f"sample(dtype={dtype})")
+            return space, template
         if num_nodes is not None:
-            space = self.space if isinstance(self.space, PointCloudSpace) else None
-            if space is None:
-                raise ValueError(
-                    "sampling point clouds needs CanonicalizedDiffusion(space="
-                    "PointCloudSpace(num_features=F))"
-                )
-            return space, space.template(num_nodes, dtype=dtype, device=device)
+            raise ValueError(
+                "num_nodes is for point clouds, and this model does not know their number of "
+                "node features F yet: train it on a batch first, load its weights, or give "
+                "CanonicalizedDiffusion(space=PointCloudSpace(num_features=F))"
+            )
         if shape is None:
             raise ValueError("give `shape` (tensors) or `num_nodes` (point clouds) to sample")
-        space = self.space if self.space is not None else TensorSpace()
+        space = space if space is not None else TensorSpace()
         if not isinstance(space, TensorSpace):
-            raise ValueError("`shape` is for tensor data; point clouds need `num_nodes`")
+            raise ValueError(
+                f"sample() builds batches for TensorSpace and PointCloudSpace; got "
+                f"{type(space).__name__}"
+            )
         full = (int(num_samples),) + tuple(shape) if num_samples is not None else tuple(shape)
         if len(full) < 2 or any(int(d) < 1 for d in full):
             raise ValueError(
@@ -444,4 +539,34 @@ class CanonicalizedDiffusion(nn.Module):
                 "more dimension, all >= 1 (num_samples=B with shape of one sample, or the "
                 "batch shape alone)"
             )
-        return space, space.template(full, dtype=dtype, device=device)
+        template = space.template(full, dtype=dtype, device=device)
+        self._check_placement(template, f"sample(dtype={dtype})")
+        return space, template
+
+    @staticmethod
+    def _sizes(space: PointCloudSpace, num_samples, shape, num_nodes, generator) -> Any:
+        """Number of nodes of each point cloud to sample: given, or drawn from the space."""
+        if shape is not None:
+            raise ValueError(
+                "`shape` is for tensor data; this model generates point clouds: give "
+                "num_nodes=[n_1, ..., n_B] or num_samples=B"
+            )
+        if num_nodes is not None:
+            if num_samples is not None and int(num_samples) != len(num_nodes):
+                raise ValueError(
+                    f"num_samples={num_samples} but num_nodes has {len(num_nodes)} entries"
+                )
+            return num_nodes
+        if num_samples is None or int(num_samples) < 1:
+            raise ValueError(
+                f"give num_samples=B >= 1 or num_nodes=[n_1, ..., n_B]; got "
+                f"num_samples={num_samples}"
+            )
+        if space.node_counts is None:
+            raise ValueError(
+                f"sample(num_samples={num_samples}) draws the size of each point cloud from "
+                f"the space's node_counts, but this {type(space).__name__} has none: give "
+                "num_nodes=[n_1, ..., n_B], or build the space with node_counts="
+                "NodeCountDistribution(histogram)"
+            )
+        return space.node_counts.sample(int(num_samples), generator=generator)

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from canonwrap.groups._data import graph_index, is_point_cloud, num_samples, replace
 from canonwrap.groups.base import Group
+from canonwrap.pointclouds import graph_index, is_point_cloud, num_samples, replace
 
 __all__ = [
     "default_tolerance",

@@ -52,10 +52,16 @@ from torch import Tensor, nn
 from canonwrap import AncestralSampler, CanonicalizedDiffusion, PolynomialSchedule, TensorSpace
 from canonwrap.canonicalizers import Canonicalizer, CanonOutput, Identity
 from canonwrap.groups import Group
-from canonwrap.groups._data import graph_index, is_point_cloud, replace
 from canonwrap.nn import fully_connected_edges
+from canonwrap.pointclouds import (
+    graph_index,
+    is_point_cloud,
+    num_samples,
+    remove_mean,
+    replace,
+    segment_sum,
+)
 from canonwrap.testing import assert_canonicalizer
-from canonwrap.utils import num_graphs_of, remove_mean, segment_sum
 
 
 # ---- the group ----------------------------------------------------------------------
@@ -115,9 +121,7 @@ class SO2(Group):
 def _nodes(data: Any) -> tuple[Tensor, Tensor, int]:
     """``(pos [N, 2], batch [N], B)`` of a point cloud or of a tensor ``[B, n, 2]``."""
     if is_point_cloud(data):
-        pos, batch = data.pos, graph_index(data)
-        ng = getattr(data, "num_graphs", None)
-        b = int(ng) if ng is not None else num_graphs_of(batch)
+        pos, batch, b = data.pos, graph_index(data), num_samples(data)
     else:
         if not isinstance(data, Tensor) or data.dim() != 3:
             raise ValueError(f"expected a tensor [B, n, 2]; got {tuple(data.shape)}")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from canonwrap.molecules import QM9_ATOM_TYPES, QM9_HEAVY_ATOM_TYPES
+
 COLOURS = {1: "#dddddd", 6: "#404040", 7: "#3050f8", 8: "#ff0d0d", 9: "#90e050"}
 SIZES = {1: 30, 6: 70, 7: 70, 8: 70, 9: 70}
 
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> Path:
         offsets = [0]
         for n in s["num_nodes"].tolist():
             offsets.append(offsets[-1] + n)
-        types = torch.tensor((6, 7, 8, 9) if cfg["remove_h"] else (1, 6, 7, 8, 9))
+        types = torch.tensor(QM9_HEAVY_ATOM_TYPES if cfg["remove_h"] else QM9_ATOM_TYPES)
         k = len(types)
         mols = []
         for i, n in enumerate(sizes):

@@ -25,8 +25,9 @@ from canonwrap.data.qm9 import qm9_features
 from canonwrap.data.rotmnist import read_amat, read_idx
 from canonwrap.groups import rotate_images
 from canonwrap.groups.images import CyclicRotations
+from canonwrap.molecules import MoleculeSpace
 from canonwrap.schedules import PolynomialSchedule
-from canonwrap.spaces import MoleculeSpace, PointCloudSpace
+from canonwrap.spaces import PointCloudSpace
 from canonwrap.training import Trainer
 
 torch.set_num_threads(1)
@@ -104,6 +105,71 @@ def test_features_and_positions_of_different_lengths():
     data = Batch.from_data_list([Data(pos=torch.randn(5, 3), x=torch.randn(4, 2))])
     model = CanonicalizedDiffusion(Zero(5), CenterOfMass())
     with pytest.raises(ValueError, match=r"x must be \[N=5, F\]; got \(4, 2\)"):
+        model.training_loss(data)
+
+
+class Graphs(torch.utils.data.Dataset):
+    """A map-style dataset of single graphs, as QM9 is."""
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, i):
+        return Data(pos=torch.randn(4, 3), x=torch.randn(4, 2))
+
+
+@pytest.mark.parametrize("method", ["training_loss", "nll"])
+@pytest.mark.parametrize("kind", ["list", "dataset"])
+def test_uncollated_graphs_are_sent_to_batch_from_data_list(method, kind):
+    graphs = Graphs() if kind == "dataset" else [Graphs()[i] for i in range(3)]
+    want = r"a list of 3 Data objects" if kind == "list" else r"a dataset \(Graphs\)"
+    for space in (None, PointCloudSpace()):
+        model = CanonicalizedDiffusion(Zero(5), CenterOfMass(), space=space)
+        with pytest.raises(TypeError, match=want + r".*Batch\.from_data_list.*DataLoader"):
+            getattr(model, method)(graphs)
+    with pytest.raises(TypeError, match=r"Data/Batch.*a list of 3 Data objects"):
+        CenterOfMass()([Graphs()[i] for i in range(3)])
+
+
+def test_egnn_canonicalizer_on_featureless_data_suggests_num_features_0():
+    from canonwrap.canonicalizers import EGNNCanonicalizer
+
+    data = Batch.from_data_list([Data(pos=torch.randn(4, 3)) for _ in range(2)])
+    with pytest.raises(
+        ValueError, match=r"got None \(.*no node features: pass EGNNCanonicalizer\(num_features=0\)"
+    ):
+        EGNNCanonicalizer(hidden=4, layers=1)(data)
+    data = Batch.from_data_list([Data(pos=torch.randn(4, 3), x=torch.randn(4, 2))])
+    with pytest.raises(ValueError, match=r"pass EGNNCanonicalizer\(num_features=2\)"):
+        EGNNCanonicalizer(hidden=4, layers=1)(data)
+
+
+def test_dtype_mismatch_names_both_dtypes_and_the_fix():
+    data64 = molecules([6, 1, 1], [8, 1])
+    denoiser = Zero(9)
+    denoiser.weight = nn.Parameter(torch.zeros(1))  # float32 parameters
+    model = CanonicalizedDiffusion(denoiser, CenterOfMass(), schedule=PolynomialSchedule(5),
+                                   space=MoleculeSpace())
+    for method in ("training_loss", "nll"):
+        with pytest.raises(
+            ValueError,
+            match=r"data is torch\.float64 but the model's parameters are torch\.float32; .*"
+            r"model\.to\(torch\.float64\).*\.to\(torch\.float32\)",
+        ):
+            getattr(model, method)(data64)
+    with pytest.raises(ValueError, match=r"data is torch\.float64 .*torch\.float32"):
+        CanonicalizedDiffusion(Linear()).training_loss(torch.randn(3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"sample\(dtype=torch\.float64\) .*torch\.float32"):
+        model.sample(num_nodes=[3], dtype=torch.float64)
+    assert model.sample(num_nodes=[3]).pos.dtype == torch.float32  # default: the model's
+
+
+def test_denoiser_output_shape_message_states_f():
+    data = Batch.from_data_list([Data(pos=torch.randn(4, 3), x=torch.randn(4, 6))] * 2)
+    model = CanonicalizedDiffusion(Zero(3), CenterOfMass())
+    with pytest.raises(
+        ValueError, match=r"output shape \(8, 3\) .*expected \[N, 3 \+ F\] = \[8, 9\] with F=6"
+    ):
         model.training_loss(data)
 
 

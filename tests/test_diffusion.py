@@ -247,3 +247,74 @@ def test_frozen_canonicalizer_receives_no_gradient():
     model = CanonicalizedDiffusion(PointMLP(5), canon)
     model.training_loss(rotated_shapes(4)).loss.backward()
     assert canon.inner.scale.grad is None
+
+
+def _clouds(f, n=5, count=3):
+    gen = torch.Generator().manual_seed(f)
+    return Batch.from_data_list(
+        [
+            Data(pos=torch.randn(n, 3, generator=gen), x=torch.randn(n, f, generator=gen))
+            for _ in range(count)
+        ]
+    )
+
+
+def test_feature_width_comes_from_the_first_batch_and_travels_with_the_weights(tmp_path):
+    def build(space=None):
+        return CanonicalizedDiffusion(
+            PointMLP(5, features=2, hidden=8), PCACanonicalizer(), PolynomialSchedule(10), space
+        )
+
+    model = build()
+    with pytest.raises(ValueError, match=r"num_features=F"):
+        model.sample(num_nodes=[5])
+    model.training_loss(_clouds(2))
+    assert model.point_features == 2
+    out = model.sample(num_nodes=[5, 5], generator=torch.Generator().manual_seed(0))
+    assert out.pos.shape == (10, 3) and out.x.shape == (10, 2)
+
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    loaded = build()
+    loaded.load_state_dict(torch.load(tmp_path / "weights.pt", weights_only=True))
+    assert loaded.point_features == 2
+    again = loaded.sample(num_nodes=[5, 5], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.pos, out.pos) and torch.equal(again.x, out.x)
+
+    with pytest.raises(ValueError, match=r"F=2 node features .*got data with F=3"):
+        loaded.training_loss(_clouds(3))
+    with pytest.raises(TypeError, match=r"generates point clouds \(F=2"):
+        loaded.nll(torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"F=2 node features, but .*num_features=3"):
+        build(PointCloudSpace(num_features=3)).load_state_dict(model.state_dict())
+    # weights saved before the width was part of the state still load
+    older = {k: v for k, v in model.state_dict().items() if k != "_extra_state"}
+    fresh = build()
+    fresh.load_state_dict(older)
+    assert fresh.point_features is None
+
+
+def test_bare_point_clouds_record_zero_features():
+    from canonwrap.data.toy import rotated_shapes
+
+    model = CanonicalizedDiffusion(PointMLP(5, hidden=8), schedule=PolynomialSchedule(5))
+    model.training_loss(rotated_shapes(3))
+    assert model.point_features == 0
+    out = model.sample(num_nodes=[5])
+    assert out.pos.shape == (5, 3) and getattr(out, "x", None) is None
+
+
+def test_randomize_pose_acts_with_compact_groups_only():
+    from canonwrap.canonicalizers import CenterOfMass
+
+    space = PointCloudSpace(num_features=0)
+    kwargs = dict(num_nodes=[5, 5], generator=None)
+    for canon, moved in ((CenterOfMass(), False), (PCACanonicalizer(), True)):
+        model = CanonicalizedDiffusion(PointMLP(5, hidden=8), canon, PolynomialSchedule(5), space)
+        kwargs["generator"] = torch.Generator().manual_seed(0)
+        plain = model.sample(**kwargs)
+        kwargs["generator"] = torch.Generator().manual_seed(0)
+        posed = model.sample(randomize_pose=True, **kwargs)
+        assert torch.equal(plain.pos, posed.pos) != moved
+        for i in range(2):  # rotations keep the pairwise distances of each cloud
+            a, b = plain.pos[plain.batch == i], posed.pos[posed.batch == i]
+            assert torch.allclose(torch.cdist(a, a), torch.cdist(b, b), rtol=1e-4, atol=1e-4)

@@ -95,3 +95,59 @@ def test_molecule_nll_adds_up_and_decodes():
     assert torch.isfinite(out.nll).all()
     mols = space.decode(data)
     assert [m[0].tolist() for m in mols] == [[8, 1, 1], [6, 1, 1, 1, 1]]
+
+
+class _ZeroMolecules(nn.Module):
+    def forward(self, z, t):
+        return torch.zeros(z.pos.shape[0], 9, dtype=z.pos.dtype)
+
+
+def test_sample_draws_sizes_from_the_node_counts():
+    counts = NodeCountDistribution({3: 1, 5: 3})
+    space = MoleculeSpace(node_counts=counts)
+    model = CanonicalizedDiffusion(_ZeroMolecules(), schedule=PolynomialSchedule(5), space=space)
+    out = model.sample(num_samples=64, generator=torch.Generator().manual_seed(0))
+    sizes = torch.bincount(out.batch)
+    assert out.num_graphs == 64 and out.x.shape == (int(sizes.sum()), 6)
+    # the sizes are the distribution's first draw from the generator
+    assert torch.equal(sizes, counts.sample(64, generator=torch.Generator().manual_seed(0)))
+    again = model.sample(64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.pos, out.pos) and torch.equal(again.x, out.x)
+    assert model.sample(num_nodes=[3, 4]).num_graphs == 2  # explicit sizes still work
+    with pytest.raises(ValueError, match="num_samples=4 but num_nodes has 2 entries"):
+        model.sample(4, num_nodes=[3, 3])
+    with pytest.raises(ValueError, match="num_samples=0"):
+        model.sample(0)
+    with pytest.raises(ValueError, match=r"`shape` is for tensor data"):
+        model.sample(2, shape=(3,))
+    bare = CanonicalizedDiffusion(_ZeroMolecules(), schedule=PolynomialSchedule(5),
+                                  space=MoleculeSpace())
+    with pytest.raises(ValueError, match=r"MoleculeSpace has none: give num_nodes="):
+        bare.sample(num_samples=2)
+
+
+def test_any_point_cloud_space_can_carry_node_counts():
+    from canonwrap import PointCloudSpace
+
+    counts = NodeCountDistribution({3: 1, 5: 3})
+    data = _water_and_methane()
+    assert torch.equal(
+        PointCloudSpace(node_counts=counts).size_nll(data),
+        MoleculeSpace(node_counts=counts).size_nll(data),
+    )
+    assert PointCloudSpace().size_nll(data).tolist() == [0.0, 0.0]
+
+
+def test_one_definition_of_the_molecule_constants():
+    import canonwrap.data.qm9 as qm9
+    import canonwrap.molecules as molecules
+
+    assert molecules.QM9_ATOM_TYPES == (1, 6, 7, 8, 9)
+    assert molecules.QM9_HEAVY_ATOM_TYPES == (6, 7, 8, 9)
+    assert (molecules.ONE_HOT_SCALE, molecules.CHARGE_SCALE) == (4.0, 10.0)
+    assert qm9.QM9_ATOM_TYPES is molecules.QM9_ATOM_TYPES
+    space = MoleculeSpace()
+    assert space.atom_types == molecules.QM9_ATOM_TYPES
+    assert (space.onehot_scale, space.charge_scale) == (4.0, 10.0)
+    x = qm9_features(torch.tensor([6]))
+    assert torch.equal(x, torch.tensor([[0.0, 1 / 4, 0.0, 0.0, 0.0, 6 / 10]]))

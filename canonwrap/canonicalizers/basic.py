@@ -8,28 +8,22 @@ import torch
 from torch import Tensor
 
 from canonwrap.canonicalizers.base import Canonicalizer, CanonOutput
-from canonwrap.groups._data import graph_index, is_point_cloud, num_samples, replace
 from canonwrap.groups.base import Group, Trivial
 from canonwrap.groups.rotations import SO3
 from canonwrap.groups.translations import Translations
-from canonwrap.utils import check_finite, remove_mean, segment_mean, segment_sum
+from canonwrap.pointclouds import (
+    centre,
+    check_point_cloud,
+    graph_index,
+    is_point_cloud,
+    nodes_per_graph,
+    num_samples,
+    remove_mean,
+    segment_mean,
+    segment_sum,
+)
 
-
-def _check_point_cloud(data: Any, who: str) -> None:
-    if not is_point_cloud(data):
-        raise TypeError(f"{who} expects a torch_geometric Data/Batch with `pos`")
-    pos = data.pos
-    if pos.dim() != 2 or pos.shape[1] != 3:
-        raise ValueError(f"{who}: pos must be [N, 3]; got {tuple(pos.shape)}")
-    if pos.shape[0] == 0:
-        raise ValueError(f"{who}: empty point cloud batch (no nodes)")
-    check_finite("pos", pos)
-
-
-def centre(data: Any) -> Any:
-    """Point cloud with the centre of mass (unweighted mean) of each graph removed."""
-    batch = graph_index(data)
-    return replace(data, pos=remove_mean(data.pos, batch, num_samples(data)))
+__all__ = ["Identity", "CenterOfMass", "PCACanonicalizer", "centre"]
 
 
 class Identity(Canonicalizer):
@@ -60,7 +54,7 @@ class CenterOfMass(Canonicalizer):
         self.group = Translations()
 
     def forward(self, data: Any) -> CanonOutput:
-        _check_point_cloud(data, "CenterOfMass")
+        check_point_cloud(data, "CenterOfMass", finite=False)
         com = segment_mean(data.pos, graph_index(data), num_samples(data))
         return CanonOutput(canonical=self.apply_inverse(data, com), element=com)
 
@@ -100,6 +94,8 @@ class PCACanonicalizer(Canonicalizer):
         pos = remove_mean(data.pos.detach().double(), batch, b)
         cov = segment_sum(pos[:, :, None] * pos[:, None, :], batch, b)  # [B, 3, 3]
         scale = cov.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300)  # trace
+        if not bool(torch.isfinite(scale).all()):  # [B] values; eigh would fail obscurely
+            raise ValueError("PCACanonicalizer: pos contains non-finite (NaN/Inf) value(s)")
         evals, evecs = torch.linalg.eigh(cov / scale[:, None, None])
         axes = evecs.flip(-1)  # decreasing eigenvalue
         proj = torch.einsum("nj,njk->nk", pos, axes[batch])  # [N, 3] coordinates in frame
@@ -123,11 +119,11 @@ class PCACanonicalizer(Canonicalizer):
         e2 = axes[:, :, 1] * sign[:, 1:2]
         e3 = torch.linalg.cross(e1, e2)
         rot = torch.stack([e1, e2, e3], dim=-1)
-        one_atom = torch.bincount(batch, minlength=b) <= 1
+        one_atom = nodes_per_graph(data) <= 1
         rot[one_atom] = torch.eye(3, dtype=rot.dtype, device=rot.device)
         return rot.to(data.pos.dtype)
 
     def forward(self, data: Any) -> CanonOutput:
-        _check_point_cloud(data, "PCACanonicalizer")
+        check_point_cloud(data, "PCACanonicalizer", finite=False)
         rot = self.frame(data)
         return CanonOutput(canonical=self.apply_inverse(data, rot), element=rot)

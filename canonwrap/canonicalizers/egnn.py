@@ -8,12 +8,17 @@ import torch
 from torch import Tensor
 
 from canonwrap.canonicalizers.base import Canonicalizer, CanonOutput
-from canonwrap.canonicalizers.basic import _check_point_cloud, centre
-from canonwrap.groups._data import graph_index, num_samples
 from canonwrap.groups.rotations import SO3
 from canonwrap.nn.egnn import EGNN
 from canonwrap.nn.graph import Aggregation, fully_connected_edges
-from canonwrap.utils import segment_mean, segment_sum
+from canonwrap.pointclouds import (
+    centre,
+    check_point_cloud,
+    graph_index,
+    num_samples,
+    remove_mean,
+    segment_sum,
+)
 
 __all__ = ["EGNNCanonicalizer", "frame_from_vectors"]
 
@@ -73,6 +78,17 @@ def frame_from_vectors(
     e2 = torch.where(ok, w / _safe_norm(w, eps), fallback)
     e3 = torch.linalg.cross(e1, e2, dim=-1)
     return torch.stack([e1, e2, e3], dim=-1)
+
+
+def _feature_error(feats: Tensor | None, n: int, f: int) -> str:
+    """Why node features ``feats`` do not fit ``EGNNCanonicalizer(num_features=f)``."""
+    got = None if feats is None else tuple(feats.shape)
+    msg = f"EGNNCanonicalizer: expects x [N={n}, F={f}]; got {got}"
+    if feats is None:
+        return msg + " (the data have no node features: pass EGNNCanonicalizer(num_features=0))"
+    if feats.dim() == 2 and feats.shape[0] == n:
+        return msg + f" (pass EGNNCanonicalizer(num_features={feats.shape[1]}))"
+    return msg
 
 
 class EGNNCanonicalizer(Canonicalizer):
@@ -190,16 +206,12 @@ class EGNNCanonicalizer(Canonicalizer):
         if self.num_features > 0:
             feats = getattr(data, "x", None)
             if feats is None or feats.shape != (pos.shape[0], self.num_features):
-                shape = None if feats is None else tuple(feats.shape)
-                raise ValueError(
-                    f"EGNNCanonicalizer: expects x [N={pos.shape[0]}, F={self.num_features}]; "
-                    f"got {shape}"
-                )
+                raise ValueError(_feature_error(feats, pos.shape[0], self.num_features))
             feats = feats.to(pos.dtype)
         else:
             feats = pos.new_ones(pos.shape[0], 1)
         scalars, x = self.egnn(feats, pos, fully_connected_edges(batch))
-        x = x - segment_mean(x, batch, b)[batch]  # translation invariant, [N, 3, C]
+        x = remove_mean(x, batch, b)  # translation invariant, [N, 3, C]
         weights = scalars.view(-1, self.vector_channels, 2)  # [N, C, 2]
         return segment_sum(torch.einsum("nic,nck->nik", x, weights), batch, b)
 
@@ -209,6 +221,6 @@ class EGNNCanonicalizer(Canonicalizer):
         return frame_from_vectors(u[..., 0], u[..., 1], self.eps, self.parallel_tol)
 
     def forward(self, data: Any) -> CanonOutput:
-        _check_point_cloud(data, "EGNNCanonicalizer")
+        check_point_cloud(data, "EGNNCanonicalizer", finite=False)
         rot = self.frame(self.normalize(data))
         return CanonOutput(canonical=self.apply_inverse(data, rot), element=rot)

@@ -43,6 +43,7 @@ from torch.utils.data import Dataset
 from torch_geometric.data import Data
 
 from canonwrap._io import atomic_torch_save
+from canonwrap.molecules import CHARGE_SCALE, ONE_HOT_SCALE, QM9_ATOM_TYPES, QM9_HEAVY_ATOM_TYPES
 
 __all__ = [
     "QM9",
@@ -55,18 +56,10 @@ __all__ = [
     "qm9_split_indices",
 ]
 
-QM9_ATOM_TYPES: tuple[int, ...] = (1, 6, 7, 8, 9)
-"""Atomic numbers present in QM9, in the order of the one-hot encoding (H, C, N, O, F)."""
-QM9_HEAVY_ATOM_TYPES: tuple[int, ...] = (6, 7, 8, 9)
-"""Atomic numbers of the one-hot encoding when hydrogens are removed (C, N, O, F)."""
 QM9_NUM_MOLECULES: int = 130_831
 """Number of molecules after removing the 3,054 uncharacterized ones."""
 QM9_SPLIT_SIZES: dict[str, int] = {"train": 100_000, "valid": 17_748, "test": 13_083}
 """EDM split sizes."""
-
-ONE_HOT_SCALE: float = 4.0
-"""EDM's normalisation of the one-hot block and of the charge (atomic number) column."""
-CHARGE_SCALE: float = 10.0
 
 _SYMBOL_TO_Z: dict[str, int] = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9}
 _QM9PACK_CSVS: tuple[str, ...] = (

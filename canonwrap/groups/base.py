@@ -21,6 +21,11 @@ class Group(ABC):
 
     name: str = "group"
     """Short human-readable name, e.g. ``"SO(3)"``."""
+    is_compact: bool = True
+    """Whether the group is compact. Then [`random`][canonwrap.groups.Group.random] draws
+    from its Haar probability measure, and acting with a random element makes a distribution
+    invariant; non-compact groups (translations) have no such measure, and
+    ``sample(randomize_pose=True)`` leaves their pose as it is."""
 
     @abstractmethod
     def identity(

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from canonwrap.groups._data import graph_index, is_point_cloud, replace
 from canonwrap.groups.base import Group
+from canonwrap.pointclouds import graph_index, is_point_cloud, replace
 
 
 def quaternion_to_matrix(q: Tensor) -> Tensor:

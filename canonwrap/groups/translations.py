@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from canonwrap.groups._data import graph_index, is_point_cloud, replace
 from canonwrap.groups.base import Group
+from canonwrap.pointclouds import graph_index, is_point_cloud, replace
 
 
 class Translations(Group):
@@ -17,6 +17,7 @@ class Translations(Group):
     """
 
     name = "T(3)"
+    is_compact = False
 
     def __init__(self, scale: float = 3.0) -> None:
         self.scale = float(scale)

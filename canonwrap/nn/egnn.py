@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from canonwrap.nn.gnn import GCL, _read_batch
 from canonwrap.nn.graph import Aggregation, aggregate, fully_connected_edges, node_times
-from canonwrap.utils import remove_mean
+from canonwrap.pointclouds import remove_mean
 
 __all__ = ["EquivariantUpdate", "EGNNLayer", "EGNN", "EGNNDenoiser", "edge_geometry"]
 

@@ -15,9 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from canonwrap.groups._data import graph_index
-from canonwrap.nn.graph import Aggregation, aggregate, fully_connected_edges, node_times, num_graphs
-from canonwrap.utils import remove_mean
+from canonwrap.nn.graph import Aggregation, aggregate, fully_connected_edges, node_times
+from canonwrap.pointclouds import graph_index, num_samples, remove_mean
 
 __all__ = ["GCL", "GNN", "GNNDenoiser"]
 
@@ -231,4 +230,4 @@ def _read_batch(data: Any, num_features: int, who: str) -> tuple[Tensor, Tensor,
     if feats is None or feats.shape != (pos.shape[0], num_features):
         shape = None if feats is None else tuple(feats.shape)
         raise ValueError(f"{who}: expects x [N={pos.shape[0]}, F={num_features}]; got {shape}")
-    return pos, feats.to(pos.dtype), graph_index(data), num_graphs(data)
+    return pos, feats.to(pos.dtype), graph_index(data), num_samples(data)

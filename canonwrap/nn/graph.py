@@ -1,4 +1,4 @@
-"""Graph plumbing shared by the message-passing networks: edges, aggregation, batch sizes.
+"""Graph plumbing shared by the message-passing networks: edges, aggregation, node times.
 
 Edge convention (as EDM's ``row, col = edges``): for an edge ``(i, j)`` stored as
 ``edge_index[:, e] = (i, j)``, node ``i = edge_index[0, e]`` is the receiver (messages are
@@ -9,15 +9,12 @@ PyG's ``source_to_target`` convention.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from canonwrap.groups._data import graph_index
-from canonwrap.utils import num_graphs_of
-
-__all__ = ["fully_connected_edges", "aggregate", "num_graphs", "node_times"]
+__all__ = ["fully_connected_edges", "aggregate", "node_times"]
 
 Aggregation = Literal["sum", "mean"]
 
@@ -93,14 +90,6 @@ def aggregate(
         count = torch.bincount(index, minlength=num_nodes).clamp_min(1).to(messages.dtype)
         return out / count.view((-1,) + (1,) * (messages.dim() - 1))
     raise ValueError(f"aggregation must be 'sum' or 'mean'; got {aggregation!r}")
-
-
-def num_graphs(data: Any) -> int:
-    """Number of graphs in a ``Data``/``Batch`` (``num_graphs`` when set, else ``max + 1``)."""
-    ng = getattr(data, "num_graphs", None)
-    if ng is not None:
-        return int(ng)
-    return max(num_graphs_of(graph_index(data)), 1)
 
 
 def node_times(t: Tensor | float, batch: Tensor, b: int, dtype: torch.dtype) -> Tensor:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch_geometric.utils import to_dense_batch
 
 from canonwrap.nn.gnn import _read_batch
-from canonwrap.utils import remove_mean
+from canonwrap.pointclouds import remove_mean
 
 __all__ = ["TransformerDenoiser", "DistanceBias", "AdaLNBlock", "timestep_embedding"]
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from canonwrap.canonicalizers import Canonicalizer, frozen
-from canonwrap.groups._data import is_point_cloud
+from canonwrap.pointclouds import is_point_cloud
 from canonwrap.testing import assert_canonicalizer, max_abs_difference
 
 

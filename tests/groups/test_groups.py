@@ -97,3 +97,9 @@ def test_bad_inputs_raise_clear_errors():
         SO3().act(SO3().identity(2), torch.zeros(2, 5, 2))
     with pytest.raises(ValueError, match="positive"):
         CyclicRotations(0)
+
+
+@pytest.mark.parametrize("group", GROUPS, ids=lambda g: g.name)
+def test_compactness_is_a_property_of_the_group(group):
+    # translations have no Haar probability measure; the others are compact
+    assert group.is_compact == (not isinstance(group, Translations))
