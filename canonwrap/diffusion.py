@@ -38,17 +38,17 @@ class LossOutput:
     Attributes
     ----------
     loss
-        scalar to minimise (denoising loss plus the canonicalizer's prior loss).
+        Scalar to minimise (denoising loss plus the canonicalizer's prior loss).
     denoising
-        scalar mean squared error per dimension, averaged over the batch.
+        Scalar mean squared error per dimension, averaged over the batch.
     per_sample
-        ``[B]`` mean squared error per dimension of each sample.
+        Mean squared error per dimension of each sample, ``[B]``.
     t
-        ``[B]`` integer steps drawn.
+        Integer steps drawn, ``[B]``.
     prior
-        the canonicalizer's prior loss (``None`` if it has none).
+        The canonicalizer's prior loss (``None`` if it has none).
     terms
-        scalar terms for logging.
+        Scalar terms for logging.
     """
 
     loss: Tensor
@@ -283,9 +283,9 @@ class CanonicalizedDiffusion(nn.Module):
         Parameters
         ----------
         data
-            a batch (tensor ``[B, ...]`` or point-cloud ``Batch``).
+            A batch (tensor ``[B, ...]`` or point-cloud ``Batch``).
         generator
-            optional generator for ``t`` and ``eps`` (on the data's device or CPU).
+            Optional generator for ``t`` and ``eps`` (on the data's device or CPU).
         """
         space = self._checked_space(data, record=True)  # before the canonicalizer sees it
         canon = self.canonicalizer(data)
