@@ -1,8 +1,8 @@
 """Speed and memory of GDM, EDM and canonicalized GDM on QM9, side by side in one run.
 
 For each model size (``quick``: the CPU preset of ``examples/qm9.py``; ``full``: the published
-sizes, denoiser 256 x 9 and canonicalizer 64 x 9) and each model (built by
-``examples/qm9.py``'s ``build_model``) it measures
+sizes, GNN/EGNN 256 x 9 and canonicalizer 64 x 9, transformer 256 x 8) and each model (built
+by ``canonwrap.recipes``, as the QM9 example builds it) it measures
 
 * **sampling**: seconds per molecule when sampling ``--num-molecules`` molecules in one
   batch (sizes drawn from QM9's training histogram), by default with 1000 ancestral steps;
@@ -21,14 +21,13 @@ Examples
 --------
 ::
 
-    python benchmarks/bench_qm9.py --sizes quick --threads 2 --num-molecules 20 --steps 100
+    python benchmarks/bench_qm9.py --sizes quick --threads 2 --num-molecules 20 --sample-steps 100
     python benchmarks/bench_qm9.py --sizes quick,full --device cuda --num-molecules 500
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -39,14 +38,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 
+from canonwrap.recipes import (
+    OPTIMIZATION,
+    SHORTHANDS,
+    make_sampler,
+    preset_config,
+    qm9_model,
+    qm9_optimizer,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = ("quick", "full")
-MODELS = ("gdm", "edm", "canon-gdm", "canon-frozen-gdm")
+MODELS = tuple(SHORTHANDS)
 PHASES = ("sample", "train")
 SAMPLERS = ("ancestral", "ddim", "dpm")
 RESULT_MARKER = "BENCH_QM9_RESULT "
@@ -54,20 +61,6 @@ MIB = 1024.0 * 1024.0
 
 
 # ------------------------------------------------------------------------- helpers
-def load_qm9_example() -> ModuleType:
-    """``examples/qm9.py`` imported as a module (examples are scripts, not a package)."""
-    name = "canonwrap_example_qm9"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / "qm9.py")
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {ROOT / 'examples' / 'qm9.py'}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def cpu_model() -> str:
     """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
     try:
@@ -148,12 +141,18 @@ class PeakMemory:
             return {"peak_mib": None, "total_peak_mib": None, "upper_bound": False}
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device)
-            return {"peak_mib": (peak - self.start_bytes) / MIB, "total_peak_mib": peak / MIB,
-                    "upper_bound": False}
+            return {
+                "peak_mib": (peak - self.start_bytes) / MIB,
+                "total_peak_mib": peak / MIB,
+                "upper_bound": False,
+            }
         peak = _maxrss_bytes()
         # if the high-water mark did not move, the block's peak is at most this value
-        return {"peak_mib": (peak - self.start_bytes) / MIB, "total_peak_mib": peak / MIB,
-                "upper_bound": peak <= self.start_peak}
+        return {
+            "peak_mib": (peak - self.start_bytes) / MIB,
+            "total_peak_mib": peak / MIB,
+            "upper_bound": peak <= self.start_peak,
+        }
 
 
 def _sync(device: torch.device) -> None:
@@ -166,15 +165,16 @@ def _median(values: list[float]) -> float:
 
 
 # ------------------------------------------------------------------------- measurements
-def _bench_sampling(qm9: ModuleType, model: Any, node_counts: Any, spec: dict[str, Any],
-                    device: torch.device) -> dict[str, Any]:
-    sampler = qm9.make_sampler(spec["sampler"], spec["steps"])
+def _bench_sampling(
+    model: Any, node_counts: Any, spec: dict[str, Any], device: torch.device
+) -> dict[str, Any]:
+    sampler = make_sampler(spec["sampler"], spec["steps"])
     gen = torch.Generator().manual_seed(spec["seed"])
     nodes = node_counts.sample(spec["num_molecules"], generator=gen)
     evaluations = len(sampler.steps(model.timesteps))  # loop steps + the final t = 0 one
     model.eval()
     with PeakMemory(device, spec["measure_memory"]) as mem:
-        warm = qm9.make_sampler(spec["sampler"], 2)
+        warm = make_sampler(spec["sampler"], 2)
         model.sample(num_nodes=nodes, sampler=warm, generator=gen, device=device)
         times = []
         for r in range(spec["repeats"]):
@@ -197,15 +197,20 @@ def _bench_sampling(qm9: ModuleType, model: Any, node_counts: Any, spec: dict[st
     }
 
 
-def _bench_training(qm9: ModuleType, model: Any, train: Any, cfg: dict[str, Any],
-                    spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def _bench_training(
+    model: Any, train: Any, cfg: dict[str, Any], spec: dict[str, Any], device: torch.device
+) -> dict[str, Any]:
     from torch_geometric.loader import DataLoader
 
     from canonwrap.training import GradNormQueue, clip_grad_adaptive
 
     batch_size = spec["batch_size"] or cfg["batch_size"]
-    loader = DataLoader(train, batch_size=batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(spec["seed"]))
+    loader = DataLoader(
+        train,
+        batch_size=batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(spec["seed"]),
+    )
     needed = spec["warmup"] + spec["repeats"] * spec["train_steps"]
     batches, it = [], iter(loader)
     while len(batches) < needed:  # load before timing; cycle if the data run out
@@ -214,7 +219,7 @@ def _bench_training(qm9: ModuleType, model: Any, train: Any, cfg: dict[str, Any]
             it = iter(loader)
             continue
         batches.append(batch.to(device))
-    optimizer = qm9.make_optimizer(model, cfg)
+    optimizer = qm9_optimizer(model, cfg["lr"], cfg["canon_lr_ratio"])
     params = [p for group in optimizer.param_groups for p in group["params"]]
     queue = GradNormQueue()
     model.train()
@@ -231,7 +236,7 @@ def _bench_training(qm9: ModuleType, model: Any, train: Any, cfg: dict[str, Any]
             step(batch)
         times = []
         for r in range(spec["repeats"]):
-            window = batches[spec["warmup"] + r * spec["train_steps"]:][: spec["train_steps"]]
+            window = batches[spec["warmup"] + r * spec["train_steps"] :][: spec["train_steps"]]
             _sync(device)
             start = time.perf_counter()
             for batch in window:
@@ -256,20 +261,20 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    qm9 = load_qm9_example()
-    cfg = dict(qm9.PRESETS[spec["size"]])
-    cfg.update(model=spec["model"], remove_h=False, seed=spec["seed"])
+    cfg = dict(OPTIMIZATION[spec["size"]])
+    mcfg = preset_config(spec["size"], *SHORTHANDS[spec["model"]])
     torch.manual_seed(spec["seed"])
     train = QM9("train", progress=False)
     node_counts = NodeCountDistribution(train.node_count_histogram())
-    model = qm9.build_model(cfg, node_counts).to(device)
+    model = qm9_model(mcfg, node_counts).to(device)
+    learned_canon = mcfg.canonicalizer.startswith("egnn")
     row: dict[str, Any] = {
         "size": spec["size"],
         "model": spec["model"],
         "phase": spec["phase"],
-        "denoiser": f"{cfg['hidden']} x {cfg['layers']}",
+        "denoiser": f"{mcfg.denoiser} {mcfg.hidden} x {mcfg.layers}",
         "canonicalizer": (
-            f"{cfg['canon_hidden']} x {cfg['canon_layers']}" if "canon" in spec["model"] else None
+            f"{mcfg.canon_hidden} x {mcfg.canon_layers}" if learned_canon else mcfg.canonicalizer
         ),
         "parameters": {
             "denoiser": sum(p.numel() for p in model.denoiser.parameters()),
@@ -277,26 +282,32 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         },
     }
     if spec["phase"] == "sample":
-        row.update(_bench_sampling(qm9, model, node_counts, spec, device))
+        row.update(_bench_sampling(model, node_counts, spec, device))
     else:
-        row.update(_bench_training(qm9, model, train, cfg, spec, device))
+        row.update(_bench_training(model, train, cfg, spec, device))
     return row
 
 
 def measure_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
     """:func:`measure` in a fresh Python process (so that its peak memory is its own)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]),
-               MKL_NUM_THREADS=str(spec["threads"]))
+    env = dict(
+        os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"])
+    )
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-        capture_output=True, text=True, env=env, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
     )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
+            return json.loads(line[len(RESULT_MARKER) :])
     tail = (proc.stderr or proc.stdout)[-3000:]
-    raise RuntimeError(f"worker for {spec['size']}/{spec['model']}/{spec['phase']} failed "
-                       f"(exit code {proc.returncode}):\n{tail}")
+    raise RuntimeError(
+        f"worker for {spec['size']}/{spec['model']}/{spec['phase']} failed "
+        f"(exit code {proc.returncode}):\n{tail}"
+    )
 
 
 # ------------------------------------------------------------------------- report
@@ -329,14 +340,18 @@ def ratios_vs_edm(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ref = edm.get(r["size"])
         if ref is None:
             continue
-        out.append({
-            "size": r["size"],
-            "model": r["model"],
-            "sample_time": _ratio(r.get("sample_s_per_molecule"), ref.get("sample_s_per_molecule")),
-            "train_speed": _ratio(r.get("train_steps_per_s"), ref.get("train_steps_per_s")),
-            "sample_memory": _ratio(_mem(r, "sample_memory"), _mem(ref, "sample_memory")),
-            "train_memory": _ratio(_mem(r, "train_memory"), _mem(ref, "train_memory")),
-        })
+        out.append(
+            {
+                "size": r["size"],
+                "model": r["model"],
+                "sample_time": _ratio(
+                    r.get("sample_s_per_molecule"), ref.get("sample_s_per_molecule")
+                ),
+                "train_speed": _ratio(r.get("train_steps_per_s"), ref.get("train_steps_per_s")),
+                "sample_memory": _ratio(_mem(r, "sample_memory"), _mem(ref, "sample_memory")),
+                "train_memory": _ratio(_mem(r, "train_memory"), _mem(ref, "train_memory")),
+            }
+        )
     return out
 
 
@@ -390,8 +405,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         )
     if report["errors"]:
         lines += ["", "Failed configurations:", ""]
-        lines += [f"- {e['size']}/{e['model']}/{e['phase']}: {e['error'].splitlines()[0]}"
-                  for e in report["errors"]]
+        lines += [
+            f"- {e['size']}/{e['model']}/{e['phase']}: {e['error'].splitlines()[0]}"
+            for e in report["errors"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -408,33 +425,65 @@ def _choices(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="quick,full",
-                   type=lambda v: _choices(v, SIZES, "--sizes"),
-                   help="comma-separated: quick (CPU preset), full (published sizes)")
-    p.add_argument("--models", default="gdm,edm,canon-gdm",
-                   type=lambda v: _choices(v, MODELS, "--models"), help="comma-separated")
-    p.add_argument("--phases", default="sample,train",
-                   type=lambda v: _choices(v, PHASES, "--phases"), help="comma-separated")
-    p.add_argument("--num-molecules", type=int, default=100,
-                   help="molecules sampled in one batch (default 100)")
+    p.add_argument(
+        "--sizes",
+        default="quick,full",
+        type=lambda v: _choices(v, SIZES, "--sizes"),
+        help="comma-separated: quick (CPU preset), full (published sizes)",
+    )
+    p.add_argument(
+        "--models",
+        default="gdm,edm,canon-gdm,pca-transformer,canon-transformer",
+        type=lambda v: _choices(v, MODELS, "--models"),
+        help="comma-separated",
+    )
+    p.add_argument(
+        "--phases",
+        default="sample,train",
+        type=lambda v: _choices(v, PHASES, "--phases"),
+        help="comma-separated",
+    )
+    p.add_argument(
+        "--num-molecules",
+        type=int,
+        default=100,
+        help="molecules sampled in one batch (default 100)",
+    )
     p.add_argument("--sampler", choices=SAMPLERS, default="ancestral")
-    p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (default: ancestral 1000, ddim 50, dpm 20)")
+    p.add_argument(
+        "--sample-steps",
+        type=int,
+        default=None,
+        help="sampling steps (default: ancestral 1000, ddim 50, dpm 20)",
+    )
     p.add_argument("--train-steps", type=int, default=20, help="timed training steps per repeat")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="training batch size (default: the preset's, quick 32, full 64)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="training batch size (default: the preset's, quick 32, full 64)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; medians reported")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<i>")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's default on this machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's default on this machine)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None,
-                   help="folder for bench_qm9.json and bench_qm9.md "
-                        "(default benchmarks/results/qm9-<device>)")
-    p.add_argument("--in-process", action="store_true",
-                   help="run every configuration in this process: faster (smoke tests), but "
-                        "CPU peak memory is then not attributable and reported as n/a")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for bench_qm9.json and bench_qm9.md (default benchmarks/results/qm9-<device>)",
+    )
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every configuration in this process: faster (smoke tests), but "
+        "CPU peak memory is then not attributable and reported as n/a",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -458,50 +507,77 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     machine = machine_info(threads, str(device))
-    print(f"[bench] {machine['cpu']} ({machine['logical_cpus']} logical CPUs), {threads} "
-          f"threads, device {device}{', ' + machine['gpu'] if 'gpu' in machine else ''}, "
-          f"torch {machine['torch']}", flush=True)
+    print(
+        f"[bench] {machine['cpu']} ({machine['logical_cpus']} logical CPUs), {threads} "
+        f"threads, device {device}{', ' + machine['gpu'] if 'gpu' in machine else ''}, "
+        f"torch {machine['torch']}",
+        flush=True,
+    )
 
-    qm9 = load_qm9_example()
     isolate = not args.in_process
     rows, errors = [], []
     for size in args.sizes:
         for model in args.models:
             for phase in args.phases:
                 spec = {
-                    "size": size, "model": model, "phase": phase,
-                    "num_molecules": args.num_molecules, "sampler": args.sampler,
-                    "steps": args.steps, "train_steps": args.train_steps,
-                    "warmup": args.warmup, "batch_size": args.batch_size,
-                    "repeats": args.repeats, "device": str(device), "threads": threads,
-                    "seed": args.seed, "measure_memory": isolate or device.type == "cuda",
+                    "size": size,
+                    "model": model,
+                    "phase": phase,
+                    "num_molecules": args.num_molecules,
+                    "sampler": args.sampler,
+                    "steps": args.sample_steps,
+                    "train_steps": args.train_steps,
+                    "warmup": args.warmup,
+                    "batch_size": args.batch_size,
+                    "repeats": args.repeats,
+                    "device": str(device),
+                    "threads": threads,
+                    "seed": args.seed,
+                    "measure_memory": isolate or device.type == "cuda",
                 }
                 start = time.perf_counter()
                 try:
                     row = measure_in_subprocess(spec) if isolate else measure(spec)
                 except Exception as exc:  # keep going: report what failed
-                    errors.append({"size": size, "model": model, "phase": phase,
-                                   "error": f"{type(exc).__name__}: {exc}"})
+                    errors.append(
+                        {
+                            "size": size,
+                            "model": model,
+                            "phase": phase,
+                            "error": f"{type(exc).__name__}: {exc}",
+                        }
+                    )
                     print(f"[bench] {size}/{model}/{phase}: FAILED {exc}", flush=True)
                     continue
                 rows.append(row)
                 key = "sample_s_per_molecule" if phase == "sample" else "train_steps_per_s"
                 unit = "s/molecule" if phase == "sample" else "steps/s"
-                print(f"[bench] {size}/{model}/{phase}: {row[key]:.4g} {unit} "
-                      f"({time.perf_counter() - start:.0f} s)", flush=True)
+                print(
+                    f"[bench] {size}/{model}/{phase}: {row[key]:.4g} {unit} "
+                    f"({time.perf_counter() - start:.0f} s)",
+                    flush=True,
+                )
 
     results = merge_rows(rows)
-    sampler = qm9.make_sampler(args.sampler, args.steps)
+    sampler = make_sampler(args.sampler, args.sample_steps)
     report = {
         "benchmark": "qm9",
         "command": "python benchmarks/bench_qm9.py " + shlex.join(argv),
         "machine": machine,
         "settings": {
-            "sizes": args.sizes, "models": args.models, "phases": args.phases,
-            "num_molecules": args.num_molecules, "sampler": args.sampler, "steps": args.steps,
-            "sampler_repr": repr(sampler), "train_steps": args.train_steps,
-            "warmup": args.warmup, "batch_size": args.batch_size, "repeats": args.repeats,
-            "seed": args.seed, "isolated_processes": isolate,
+            "sizes": args.sizes,
+            "models": args.models,
+            "phases": args.phases,
+            "num_molecules": args.num_molecules,
+            "sampler": args.sampler,
+            "steps": args.sample_steps,
+            "sampler_repr": repr(sampler),
+            "train_steps": args.train_steps,
+            "warmup": args.warmup,
+            "batch_size": args.batch_size,
+            "repeats": args.repeats,
+            "seed": args.seed,
+            "isolated_processes": isolate,
         },
         "results": results,
         "ratios_vs_edm": ratios_vs_edm(results),

@@ -1,7 +1,7 @@
 """Where the time of one QM9 sampling run goes: denoiser, edges, sampler math, the rest.
 
-Builds a model with ``examples/qm9.py``'s ``build_model`` (untrained weights: the cost of a
-step does not depend on them), samples one batch under ``torch.profiler`` and prints
+Builds a model with ``canonwrap.recipes``, as ``examples/qm9.py`` does (untrained weights:
+the cost of a step does not depend on them), samples one batch under ``torch.profiler`` and prints
 
 1. a breakdown by stage, from labelled ranges (``record_function``) put around the
    denoiser's forward pass, the construction of the fully connected edge lists, EGNN's
@@ -18,7 +18,8 @@ Examples
 --------
 ::
 
-    python benchmarks/profile_sampling.py --model edm --size quick --num-molecules 20 --steps 50
+    python benchmarks/profile_sampling.py --model edm --size quick --num-molecules 20 \
+        --sample-steps 50
     python benchmarks/profile_sampling.py --model canon-gdm --size full --device cuda --trace t.json
 """
 
@@ -37,7 +38,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_qm9 import MODELS, SAMPLERS, SIZES, load_qm9_example, machine_info  # noqa: E402
+from bench_qm9 import MODELS, SAMPLERS, SIZES, machine_info  # noqa: E402
 
 #: labelled stages, in display order; nested ones are indented under their parent
 STAGES: tuple[tuple[str, str], ...] = (
@@ -129,7 +130,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=SIZES, default="quick")
     p.add_argument("--num-molecules", type=int, default=20)
     p.add_argument("--sampler", choices=SAMPLERS, default="ancestral")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    p.add_argument("--sample-steps", type=int, default=50, help="sampling steps (default 50)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -143,21 +144,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
     from canonwrap import NodeCountDistribution
     from canonwrap.data import QM9
+    from canonwrap.recipes import SHORTHANDS, make_sampler, preset_config, qm9_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     machine = machine_info(torch.get_num_threads(), str(device))
-    qm9 = load_qm9_example()
-    cfg = dict(qm9.PRESETS[args.size])
-    cfg.update(model=args.model, remove_h=False, seed=args.seed)
     torch.manual_seed(args.seed)
     node_counts = NodeCountDistribution(QM9("train", progress=False).node_count_histogram())
-    model = qm9.build_model(cfg, node_counts).to(device).eval()
-    sampler = qm9.make_sampler(args.sampler, args.steps)
+    mcfg = preset_config(args.size, *SHORTHANDS[args.model])
+    model = qm9_model(mcfg, node_counts).to(device).eval()
+    sampler = make_sampler(args.sampler, args.sample_steps)
     gen = torch.Generator().manual_seed(args.seed)
     nodes = node_counts.sample(args.num_molecules, generator=gen)
-    model.sample(num_nodes=nodes[:2], sampler=qm9.make_sampler(args.sampler, 2), device=device)
+    model.sample(num_nodes=nodes[:2], sampler=make_sampler(args.sampler, 2), device=device)
 
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     print(f"{machine['cpu']}, {machine['threads']} threads, device {device}, "
           f"torch {machine['torch']}")
-    print(f"{args.model} ({args.size}: denoiser {cfg['hidden']} x {cfg['layers']}), "
+    print(f"{args.model} ({args.size}: denoiser {mcfg.denoiser} {mcfg.hidden} x {mcfg.layers}), "
           f"{nodes.numel()} molecules ({nodes.sum().item()} atoms), {sampler!r}: "
           f"{wall:.3f} s under the profiler\n")
     rows = stage_table(prof, wall)

@@ -15,7 +15,6 @@ Writes ``<out>.md`` and ``<out>.json``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import platform
@@ -27,16 +26,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _qm9_example():
-    spec = importlib.util.spec_from_file_location(
-        "canonwrap_example_qm9", ROOT / "examples" / "qm9.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _settings(text: str) -> list[tuple[str, int | None]]:
@@ -67,11 +56,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
 
     from canonwrap import AncestralSampler, DDIMSampler, DPMSolverSampler
+    from canonwrap.evaluation import load_qm9_run, qm9_reference_smiles
     from canonwrap.metrics import evaluate
 
-    qm9 = _qm9_example()
-    model, cfg, node_counts = qm9.load_trained(Path(args.run), args.weights)
-    reference = qm9.reference_smiles(cfg["remove_h"], progress=not args.no_progress)
+    model, cfg = load_qm9_run(args.run, args.weights)
+    node_counts = model.space.node_counts
+    reference = qm9_reference_smiles(cfg["remove_h"], progress=not args.no_progress)
     sizes = node_counts.sample(
         args.num_molecules, generator=torch.Generator().manual_seed(args.seed)
     )

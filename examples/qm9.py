@@ -32,6 +32,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,77 +40,102 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from canonwrap import (
-    AncestralSampler,
-    CanonicalizedDiffusion,
-    CenterOfMass,
-    DDIMSampler,
-    DPMSolverSampler,
-    MoleculeSpace,
-    NodeCountDistribution,
-    PolynomialSchedule,
-    frozen,
-)
-from canonwrap.canonicalizers import EGNNCanonicalizer
+from canonwrap import NodeCountDistribution
 from canonwrap.data import QM9
-from canonwrap.nn import EGNNDenoiser, GNNDenoiser
+from canonwrap.evaluation import (
+    FrameDrift,
+    heldout_loss,
+    heldout_nll,
+    load_qm9_run,
+    qm9_reference_smiles,
+)
+from canonwrap.recipes import (
+    CANONICALIZERS,
+    DENOISERS,
+    OPTIMIZATION,
+    SHORTHANDS,
+    SIZES,
+    QM9ModelConfig,
+    canonicalizer_warmup,
+    make_sampler,
+    qm9_model,
+    qm9_optimizer,
+)
 from canonwrap.training import EMA, Trainer, distributed_sampler_loader
 
-MODELS = ("gdm", "edm", "canon-gdm", "canon-frozen-gdm")
+MODELS = tuple(SHORTHANDS)
+#: What runs when neither --model nor --denoiser/--canonicalizer is given.
+DEFAULT_MODEL = ("transformer", "pca")
 
-# Published settings (EDM / canonicalization paper) and a CPU preset.
+# Published settings (EDM / canonicalization paper) and a CPU preset. Model sizes and the
+# optimizer's settings come from canonwrap.recipes (``hidden``/``layers``/``heads`` of None:
+# the chosen denoiser's size there).
 PRESETS: dict[str, dict[str, Any]] = {
     "full": dict(
-        hidden=256, layers=9, canon_hidden=64, canon_layers=9, batch_size=64, lr=1e-4,
-        canon_lr_ratio=0.01, ema_decay=0.9999, ema_start=0, timesteps=1000, max_steps=None,
-        max_minutes=None, epochs=3000, train_size=None, val_size=2000, nll_size=2000,
-        num_samples=10000, sample_batch=500, weights="ema", eval_every=5000,
+        hidden=None,
+        layers=None,
+        heads=None,
+        canon_hidden=SIZES["full"]["canonicalizer"][0],
+        canon_layers=SIZES["full"]["canonicalizer"][1],
+        **OPTIMIZATION["full"],
+        canon_warmup=0,
+        anchor_weight=0.1,
+        ema_decay=0.9999,
+        ema_start=0,
+        timesteps=1000,
+        max_steps=None,
+        max_minutes=None,
+        epochs=3000,
+        train_size=None,
+        val_size=2000,
+        nll_size=2000,
+        num_samples=10000,
+        sample_batch=500,
+        weights="ema",
+        eval_every=5000,
     ),
     "quick": dict(
-        hidden=64, layers=4, canon_hidden=32, canon_layers=3, batch_size=32, lr=5e-4,
-        canon_lr_ratio=0.01, ema_decay=0.999, ema_start=0, timesteps=1000, max_steps=None,
-        max_minutes=7.0, epochs=None, train_size=None, val_size=256, nll_size=128,
-        num_samples=64, sample_batch=64, weights="raw", eval_every=200,
+        hidden=None,
+        layers=None,
+        heads=None,
+        canon_hidden=SIZES["quick"]["canonicalizer"][0],
+        canon_layers=SIZES["quick"]["canonicalizer"][1],
+        **OPTIMIZATION["quick"],
+        canon_warmup=0,
+        anchor_weight=0.1,
+        ema_decay=0.999,
+        ema_start=0,
+        timesteps=1000,
+        max_steps=None,
+        max_minutes=7.0,
+        epochs=None,
+        train_size=None,
+        val_size=256,
+        nll_size=128,
+        num_samples=64,
+        sample_batch=64,
+        weights="raw",
+        eval_every=250,
     ),
 }
 
 
 # ------------------------------------------------------------------------- building
-def build_model(cfg: dict[str, Any], node_counts: NodeCountDistribution) -> CanonicalizedDiffusion:
-    """The diffusion model named by ``cfg["model"]`` at the configured sizes."""
-    model = cfg["model"]
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
-    atom_types = (6, 7, 8, 9) if cfg["remove_h"] else (1, 6, 7, 8, 9)
-    nf = len(atom_types) + 1
-    if model == "edm":
-        denoiser = EGNNDenoiser(num_features=nf, hidden=cfg["hidden"], layers=cfg["layers"])
-    else:
-        denoiser = GNNDenoiser(num_features=nf, hidden=cfg["hidden"], layers=cfg["layers"])
-    if model in ("canon-gdm", "canon-frozen-gdm"):
-        canon = EGNNCanonicalizer(
-            num_features=nf, hidden=cfg["canon_hidden"], layers=cfg["canon_layers"]
-        )
-        if model == "canon-frozen-gdm":
-            canon = frozen(canon)
-    else:
-        canon = CenterOfMass()
-    space = MoleculeSpace(atom_types=atom_types, include_charges=True, node_counts=node_counts)
-    schedule = PolynomialSchedule(cfg["timesteps"], power=2, precision=1e-5)
-    return CanonicalizedDiffusion(denoiser, canon, schedule=schedule, space=space)
-
-
-def make_optimizer(model: CanonicalizedDiffusion, cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    """AdamW as EDM (amsgrad, tiny weight decay); the canonicalizer at a lower rate."""
-    groups = [{"params": list(model.denoiser.parameters()), "lr": cfg["lr"]}]
-    canon_params = [p for p in model.canonicalizer.parameters() if p.requires_grad]
-    if canon_params:
-        groups.append({"params": canon_params, "lr": cfg["lr"] * cfg["canon_lr_ratio"]})
-    return torch.optim.AdamW(groups, lr=cfg["lr"], amsgrad=True, weight_decay=1e-12)
-
-
-def load_split(split: str, cfg: dict[str, Any], size: int | None) -> QM9:
-    return subset(QM9(split, remove_h=cfg["remove_h"], progress=True), size)
+def model_config(cfg: dict[str, Any]) -> QM9ModelConfig:
+    """The typed model description of a run configuration."""
+    return QM9ModelConfig(
+        denoiser=cfg["denoiser"],
+        canonicalizer=cfg["canonicalizer"],
+        remove_h=cfg["remove_h"],
+        hidden=cfg["hidden"],
+        layers=cfg["layers"],
+        heads=cfg["heads"],
+        distance_bias=cfg.get("distance_bias", True),
+        canon_hidden=cfg["canon_hidden"],
+        canon_layers=cfg["canon_layers"],
+        anchor_weight=cfg["anchor_weight"],
+        timesteps=cfg["timesteps"],
+    )
 
 
 def subset(ds: QM9, size: int | None) -> QM9:
@@ -122,6 +148,10 @@ def subset(ds: QM9, size: int | None) -> QM9:
     return ds
 
 
+def load_split(split: str, cfg: dict[str, Any], size: int | None) -> QM9:
+    return subset(QM9(split, remove_h=cfg["remove_h"], progress=True), size)
+
+
 def node_counts_of(train: QM9) -> NodeCountDistribution:
     return NodeCountDistribution(train.node_count_histogram())
 
@@ -131,38 +161,6 @@ def _loader(ds, batch_size: int, shuffle: bool, seed: int = 0):
 
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=False)
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def heldout_loss(model: CanonicalizedDiffusion, loader, seed: int = 0) -> float:
-    """Mean denoising loss on held-out molecules with a fixed draw of t and noise."""
-    gen = torch.Generator().manual_seed(seed)
-    total, count = 0.0, 0
-    device = _device_of(model)
-    for batch in loader:
-        out = model.training_loss(batch.to(device), generator=gen)
-        total += out.per_sample.sum().item()
-        count += out.per_sample.numel()
-    return total / max(count, 1)
-
-
-@torch.no_grad()
-def heldout_nll(model: CanonicalizedDiffusion, loader, seed: int = 0) -> dict[str, float]:
-    """Mean variational bound (nats per molecule) and its terms on held-out molecules."""
-    gen = torch.Generator().manual_seed(seed)
-    sums: dict[str, float] = {}
-    count = 0
-    device = _device_of(model)
-    for batch in loader:
-        out = model.nll(batch.to(device), generator=gen)
-        for key in ("nll", "kl_prior", "diffusion", "reconstruction", "size"):
-            sums[key] = sums.get(key, 0.0) + getattr(out, key).sum().item()
-        count += out.nll.numel()
-    return {k: v / count for k, v in sums.items()}
 
 
 # ------------------------------------------------------------------------- commands
@@ -184,12 +182,33 @@ def _forward_loss(model: torch.nn.Module, batch) -> Any:
 
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Preset values, then the model choice, then every flag given on the command line."""
     preset = "quick" if args.quick else args.preset
     cfg = dict(PRESETS[preset])
-    cfg.update(preset=preset, model=args.model, remove_h=args.remove_h, seed=args.seed)
+    denoiser, canonicalizer = SHORTHANDS[args.model] if args.model else DEFAULT_MODEL
+    denoiser = args.denoiser or denoiser
+    canonicalizer = args.canonicalizer or canonicalizer
+    name = (
+        args.model
+        if args.model and (denoiser, canonicalizer) == SHORTHANDS[args.model]
+        else (f"{denoiser}+{canonicalizer}")
+    )
+    cfg.update(
+        preset=preset,
+        model=name,
+        denoiser=denoiser,
+        canonicalizer=canonicalizer,
+        remove_h=args.remove_h,
+        seed=args.seed,
+        distance_bias=not args.no_distance_bias,
+    )
     for key in PRESETS["full"]:
         value = getattr(args, key, None)
         if value is not None:
+            cfg[key] = value
+    hidden, layers, heads = SIZES[preset][denoiser][:3]
+    for key, value in (("hidden", hidden), ("layers", layers), ("heads", heads)):
+        if cfg[key] is None:
             cfg[key] = value
     return cfg
 
@@ -212,11 +231,12 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     train = subset(full_train, cfg["train_size"])
     valid = load_split("valid", cfg, cfg["val_size"])
     node_counts = node_counts_of(full_train)
-    model = build_model(cfg, node_counts)
+    model = qm9_model(model_config(cfg), node_counts)
     device = args_device(args.device)
     if distributed and device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     model.to(device)
+    cfg["model_config"] = asdict(model_config(cfg))
     cfg["parameters"] = {
         "denoiser": sum(p.numel() for p in model.denoiser.parameters()),
         "canonicalizer": sum(p.numel() for p in model.canonicalizer.parameters()),
@@ -225,15 +245,35 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         dist.barrier()  # every rank has read config.json before rank 0 rewrites it
     if rank == 0:
         cfg_path.write_text(json.dumps(cfg, indent=2))
-        print(f"[train] {cfg['model']}: {cfg['parameters']} parameters, {len(train)} training "
-              f"molecules, preset {cfg['preset']}", flush=True)
+        print(
+            f"[train] {cfg['model']}: {cfg['parameters']} parameters, {len(train)} training "
+            f"molecules, preset {cfg['preset']}",
+            flush=True,
+        )
 
     val_loader = _loader(valid, 64, shuffle=False)
-    optimizer = make_optimizer(model, cfg)
+    nll_loader = _loader(subset(valid, cfg["nll_size"]), 64, shuffle=False)
+    optimizer = qm9_optimizer(model, cfg["lr"], cfg["canon_lr_ratio"])
+    scheduler = canonicalizer_warmup(optimizer, cfg["canon_warmup"])
     ema = EMA(model, decay=cfg["ema_decay"], start_step=cfg["ema_start"])
+    # frame drift of a learned canonicalizer on 64 fixed validation molecules
+    learned = any(p.requires_grad for p in model.canonicalizer.parameters())
+    drift = FrameDrift(next(iter(_loader(subset(valid, 64), 64, shuffle=False))))
+    if learned:
+        drift(model.canonicalizer)  # the frames before training
+
+    def held_out(m):
+        m = getattr(m, "module", m)  # unwrap DDP
+        return {
+            "val_loss": heldout_loss(m, val_loader),
+            "val_nll": heldout_nll(m, nll_loader)["nll"],
+        }
 
     def eval_fn(m):
-        return {"val_loss": heldout_loss(getattr(m, "module", m), val_loader)}  # unwrap DDP
+        result = held_out(m)
+        if learned:
+            result.update(drift(getattr(m, "module", m).canonicalizer))
+        return result
 
     if distributed:
         from torch_geometric.loader import DataLoader
@@ -251,6 +291,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         optimizer,
         train_loader,
         loss_fn=loss_fn,
+        lr_scheduler=scheduler,
         ema=ema,
         grad_clip="adaptive",
         checkpoint_dir=out / "checkpoints",
@@ -274,9 +315,10 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         initial = heldout_loss(model, val_loader)
         (out / "initial.json").write_text(json.dumps({"val_loss": initial}))
         print(f"[train] held-out denoising loss before training: {initial:.4f}", flush=True)
+        model.train()
     state = trainer.fit()
     model.eval()
-    final = eval_fn(model) if cfg["weights"] == "raw" else trainer.evaluate()
+    final = held_out(model) if cfg["weights"] == "raw" else trainer.evaluate()
     result = {"steps": state.step, "elapsed_s": state.elapsed, **(final or {})}
     if distributed:
         result["world_size"] = dist.get_world_size()
@@ -296,35 +338,10 @@ def args_device(name: str) -> torch.device:
 
 
 def load_trained(out: Path, weights: str | None = None, device: str = "cpu"):
-    """Model, config and node-count distribution from a training folder."""
-    from canonwrap.training import find_latest_checkpoint
-
-    cfg = json.loads((out / "config.json").read_text())
-    node_counts = node_counts_of(QM9("train", remove_h=cfg["remove_h"], progress=False))
-    model = build_model(cfg, node_counts)
-    ckpt_path = find_latest_checkpoint(out / "checkpoints")
-    if ckpt_path is None:
-        raise FileNotFoundError(f"no checkpoint in {out / 'checkpoints'}: run `train` first")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    model.load_state_dict(ckpt["model"])
-    which = weights or cfg["weights"]
-    if which == "ema" and ckpt.get("ema") is not None:
-        ema = EMA(model, decay=cfg["ema_decay"])
-        ema.load_state_dict(ckpt["ema"])
-        ema.copy_to(model)
+    """Model, config and node-count distribution from a training folder (weights only)."""
+    model, cfg = load_qm9_run(out, weights)
     model.to(args_device(device))
-    model.eval()
-    return model, cfg, node_counts
-
-
-def make_sampler(name: str, steps: int | None):
-    if name == "ancestral":
-        return AncestralSampler(steps)
-    if name == "ddim":
-        return DDIMSampler(steps or 50)
-    if name == "dpm":
-        return DPMSolverSampler(steps or 20)
-    raise ValueError(f"unknown sampler {name!r}")
+    return model, cfg, model.space.node_counts
 
 
 def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
@@ -334,7 +351,7 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
     model, cfg, node_counts = load_trained(out, args.weights, args.device)
     n_total = args.num_samples or cfg["num_samples"]
     batch_size = args.sample_batch or cfg["sample_batch"]
-    sampler = make_sampler(args.sampler, args.steps)
+    sampler = make_sampler(args.sampler, args.sample_steps)
     gen = torch.Generator().manual_seed(args.seed)
     molecules, positions, features, sizes = [], [], [], []
     start = time.perf_counter()
@@ -342,23 +359,33 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
     while done < n_total:
         b = min(batch_size, n_total - done)
         nodes = node_counts.sample(b, generator=gen)
-        batch = model.sample(num_nodes=nodes, sampler=sampler, generator=gen,
-                             progress=not args.no_progress)
+        batch = model.sample(
+            num_nodes=nodes, sampler=sampler, generator=gen, progress=not args.no_progress
+        )
         molecules += model.space.decode(batch)
         positions.append(batch.pos)
         features.append(batch.x)
         sizes.append(nodes)
         done += b
     elapsed = time.perf_counter() - start
-    torch.save({"pos": torch.cat(positions), "x": torch.cat(features),
-                "num_nodes": torch.cat(sizes)}, out / "samples.pt")
+    torch.save(
+        {"pos": torch.cat(positions), "x": torch.cat(features), "num_nodes": torch.cat(sizes)},
+        out / "samples.pt",
+    )
     write_xyz(out / "samples.xyz", molecules)
     write_sdf(out / "samples.sdf", molecules)
-    timing = {"num_samples": n_total, "seconds": elapsed, "s_per_sample": elapsed / n_total,
-              "sampler": repr(sampler), "threads": torch.get_num_threads()}
+    timing = {
+        "num_samples": n_total,
+        "seconds": elapsed,
+        "s_per_sample": elapsed / n_total,
+        "sampler": repr(sampler),
+        "threads": torch.get_num_threads(),
+    }
     (out / "sampling.json").write_text(json.dumps(timing, indent=2))
-    print(f"[sample] {n_total} molecules in {elapsed:.1f} s "
-          f"({elapsed / n_total:.3f} s per molecule)", flush=True)
+    print(
+        f"[sample] {n_total} molecules in {elapsed:.1f} s ({elapsed / n_total:.3f} s per molecule)",
+        flush=True,
+    )
     return timing
 
 
@@ -371,9 +398,13 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if not (out / "samples.xyz").exists():
         raise FileNotFoundError(f"{out / 'samples.xyz'} not found: run `sample` first")
     molecules = read_xyz(out / "samples.xyz")
-    train_smiles = reference_smiles(cfg["remove_h"], progress=not args.no_progress)
-    metrics = evaluate(molecules, train_smiles=train_smiles, canonicalize_train=False,
-                       progress=not args.no_progress)
+    train_smiles = qm9_reference_smiles(cfg["remove_h"], progress=not args.no_progress)
+    metrics = evaluate(
+        molecules,
+        train_smiles=train_smiles,
+        canonicalize_train=False,
+        progress=not args.no_progress,
+    )
     test = load_split("test", cfg, args.nll_size or cfg["nll_size"])
     nll = heldout_nll(model, _loader(test, 64, shuffle=False))
     valid = load_split("valid", cfg, cfg["val_size"])
@@ -391,31 +422,6 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def reference_smiles(remove_h: bool, progress: bool = True) -> list[str]:
-    """Training SMILES rewritten in the metric's convention (for novelty), cached on disk.
-
-    Rewriting 100,000 SMILES with RDKit takes about a minute, so the result is stored next
-    to the QM9 cache and reused.
-    """
-    from canonwrap.data.qm9 import default_cache_dir
-    from canonwrap.metrics.molecules import canonicalize_smiles
-
-    path = default_cache_dir() / f"train_smiles_metric_v1{'_noh' if remove_h else ''}.txt"
-    if path.exists():
-        return path.read_text().splitlines()
-    raw = QM9("train", remove_h=remove_h, progress=False).smiles()
-    if progress:
-        from tqdm.auto import tqdm
-
-        raw = tqdm(raw, desc="training SMILES for novelty", unit="mol")
-    out = [c for c in (canonicalize_smiles(s) for s in raw) if c is not None]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("\n".join(out))
-    os.replace(tmp, path)
-    return out
-
-
 def cmd_all(args: argparse.Namespace) -> dict[str, Any]:
     cmd_train(args)
     cmd_sample(args)
@@ -430,37 +436,143 @@ def parser() -> argparse.ArgumentParser:
     def common(sp):
         sp.add_argument("--out", required=True, help="output folder of this run")
         sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
-        sp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-        sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-        sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--weights", choices=["ema", "raw"], default=None,
-                        help="weights used to evaluate and sample (default: the preset's)")
+        sp.add_argument(
+            "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+        )
+        sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+        sp.add_argument(
+            "--seed",
+            type=int,
+            default=0,
+            help="seed of weights and data order (train) or of sampling (default: 0)",
+        )
+        sp.add_argument(
+            "--weights",
+            choices=["ema", "raw"],
+            default=None,
+            help="weights used to evaluate and sample (default: the preset's: "
+            f"full {PRESETS['full']['weights']}, quick {PRESETS['quick']['weights']})",
+        )
+
+    flag_help = {
+        "hidden": "denoiser width (default: per denoiser, see SIZES)",
+        "layers": "denoiser depth (default: per denoiser)",
+        "heads": "transformer attention heads (default: per preset)",
+        "canon_hidden": "width of the learned EGNN canonicalizer",
+        "canon_layers": "depth of the learned EGNN canonicalizer",
+        "batch_size": "molecules per training batch (per process under torchrun)",
+        "lr": "learning rate of the denoiser (AdamW, amsgrad)",
+        "canon_lr_ratio": "canonicalizer learning rate as a fraction of --lr",
+        "canon_warmup": "steps the canonicalizer stays fixed, then as many to ramp its rate up",
+        "anchor_weight": "weight of the principal-axes prior of --canonicalizer egnn-anchored",
+        "ema_decay": "decay of the exponential moving average of the weights",
+        "ema_start": "step at which the moving average starts",
+        "timesteps": "diffusion steps T",
+        "max_steps": "stop after this many training steps",
+        "max_minutes": "stop after this many minutes of training",
+        "epochs": "stop after this many epochs",
+        "train_size": "train on a fixed subset of this many molecules (default: all)",
+        "val_size": "validation molecules for the held-out loss",
+        "nll_size": "molecules for the NLL: validation during training, test in evaluate",
+        "eval_every": "evaluate (held-out loss, NLL, frame drift) every this many steps",
+    }
 
     def train_args(sp):
-        sp.add_argument("--model", choices=MODELS, required=True)
-        sp.add_argument("--preset", choices=list(PRESETS), default="full")
-        sp.add_argument("--quick", action="store_true", help="2-CPU preset (~10 minutes)")
+        sp.add_argument(
+            "--model",
+            choices=MODELS,
+            default=None,
+            help="shorthand for a denoiser + canonicalizer pair: "
+            + ", ".join(f"{k} = {d}+{c}" for k, (d, c) in SHORTHANDS.items())
+            + f" (default: {DEFAULT_MODEL[0]}+{DEFAULT_MODEL[1]})",
+        )
+        sp.add_argument(
+            "--denoiser",
+            choices=DENOISERS,
+            default=None,
+            help="the network that predicts the noise (overrides --model's)",
+        )
+        sp.add_argument(
+            "--canonicalizer",
+            choices=CANONICALIZERS,
+            default=None,
+            help="how each molecule is put in canonical pose (overrides --model's)",
+        )
+        sp.add_argument(
+            "--no-distance-bias",
+            action="store_true",
+            help="transformer without the pairwise-distance attention bias",
+        )
+        sp.add_argument(
+            "--preset",
+            choices=list(PRESETS),
+            default="full",
+            help="size and budget preset (default: full, the published sizes)",
+        )
+        sp.add_argument(
+            "--quick",
+            action="store_true",
+            help="same as --preset quick: the 2-CPU preset (~10 minutes for all)",
+        )
         sp.add_argument("--remove-h", action="store_true", help="QM9 without hydrogens")
         sp.add_argument("--resume", action="store_true", help="continue from checkpoints")
-        sp.add_argument("--tensorboard", action="store_true",
-                        help="also log losses and evaluations to <out>/tensorboard")
+        sp.add_argument(
+            "--tensorboard",
+            action="store_true",
+            help="also log losses and evaluations to <out>/tensorboard",
+        )
         for key, value in PRESETS["full"].items():
-            if key in ("weights", "num_samples", "sample_batch", "nll_size"):
+            if key in ("weights", "num_samples", "sample_batch"):
                 continue  # sampling/evaluation flags, defined with those commands
+            quick = PRESETS["quick"][key]
             kind = float if isinstance(value, float) or key == "max_minutes" else int
-            if isinstance(value, str):
-                kind = str
-            sp.add_argument("--" + key.replace("_", "-"), type=kind, default=None,
-                            dest=key, help=f"(full preset: {value})")
+            sp.add_argument(
+                "--" + key.replace("_", "-"),
+                type=kind,
+                default=None,
+                dest=key,
+                help=f"{flag_help[key]} (full: {value}, quick: {quick})",
+            )
 
     def sample_args(sp):
-        sp.add_argument("--num-samples", type=int, default=None)
-        sp.add_argument("--sample-batch", type=int, default=None)
-        sp.add_argument("--sampler", choices=["ancestral", "ddim", "dpm"], default="ancestral")
-        sp.add_argument("--steps", type=int, default=None, help="sampling steps (default T)")
+        sp.add_argument(
+            "--num-samples",
+            type=int,
+            default=None,
+            help="molecules to sample (full: {}, quick: {})".format(
+                PRESETS["full"]["num_samples"], PRESETS["quick"]["num_samples"]
+            ),
+        )
+        sp.add_argument(
+            "--sample-batch",
+            type=int,
+            default=None,
+            help="molecules sampled at once (full: {}, quick: {})".format(
+                PRESETS["full"]["sample_batch"], PRESETS["quick"]["sample_batch"]
+            ),
+        )
+        sp.add_argument(
+            "--sampler",
+            choices=["ancestral", "ddim", "dpm"],
+            default="ancestral",
+            help="reverse-process sampler (default: ancestral)",
+        )
+        sp.add_argument(
+            "--sample-steps",
+            type=int,
+            default=None,
+            help="sampling steps (default: T for ancestral, 50 ddim, 20 dpm)",
+        )
 
     def eval_args(sp):
-        sp.add_argument("--nll-size", type=int, default=None, help="test molecules for NLL")
+        sp.add_argument(
+            "--nll-size",
+            type=int,
+            default=None,
+            help="test molecules for the NLL (full: {}, quick: {})".format(
+                PRESETS["full"]["nll_size"], PRESETS["quick"]["nll_size"]
+            ),
+        )
 
     sp = sub.add_parser("train", help="train a model")
     common(sp)
@@ -473,9 +585,8 @@ def parser() -> argparse.ArgumentParser:
     eval_args(sp)
     sp = sub.add_parser("all", help="train, sample and evaluate")
     common(sp)
-    train_args(sp)
+    train_args(sp)  # includes --nll-size
     sample_args(sp)
-    eval_args(sp)
     return p
 
 
@@ -485,8 +596,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("under torchrun only `train` runs (sample and evaluate on one process)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    commands = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate,
-                "all": cmd_all}
+    commands = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "all": cmd_all}
     return commands[args.command](args)
 
 

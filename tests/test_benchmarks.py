@@ -29,7 +29,7 @@ def _load(name: str):
 
 
 TINY = [
-    "--sizes", "quick", "--num-molecules", "2", "--steps", "2", "--train-steps", "1",
+    "--sizes", "quick", "--num-molecules", "2", "--sample-steps", "2", "--train-steps", "1",
     "--warmup", "0", "--repeats", "1", "--threads", "1",
 ]
 
@@ -73,8 +73,8 @@ def test_bench_qm9_rejects_unknown_names():
 
 def test_profile_sampling_tiny(capsys):
     prof = _load("profile_sampling")
-    out = prof.main(["--model", "gdm", "--num-molecules", "2", "--steps", "2", "--threads", "1",
-                     "--sampler", "dpm", "--row-limit", "3"])
+    out = prof.main(["--model", "gdm", "--num-molecules", "2", "--sample-steps", "2",
+                     "--threads", "1", "--sampler", "dpm", "--row-limit", "3"])
     import canonwrap.nn.gnn as gnn
     from canonwrap.nn.graph import fully_connected_edges
 

@@ -36,7 +36,7 @@ def _command_after(comment: str) -> str:
 def test_readme_names_the_two_commands():
     main_job = _command_after("main job")
     assert main_job.startswith("bash scripts/setup.sh && ")  # no test environment
-    assert "examples/qm9.py all --model canon-gdm --quick" in main_job
+    assert "examples/qm9.py all --model pca-transformer --quick" in main_job
     assert (
         _command_after("tests") == "bash scripts/setup.sh --tests && .venv/bin/python -m pytest -q"
     )

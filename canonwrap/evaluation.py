@@ -1,0 +1,260 @@
+"""Evaluating trained models over data: held-out loss, likelihood, frame drift, weights.
+
+What the examples, benchmarks and tests share when they measure a model: each function
+takes a model and a loader (any iterable of batches) and returns plain numbers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from canonwrap.canonicalizers.anchored import rotation_angle
+from canonwrap.canonicalizers.base import Canonicalizer
+
+__all__ = [
+    "heldout_loss",
+    "heldout_nll",
+    "FrameDrift",
+    "load_weights",
+    "qm9_reference_smiles",
+    "load_qm9_run",
+]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def heldout_loss(model: Any, loader: Iterable[Any], seed: int = 0) -> float:
+    """Mean denoising loss per dimension over ``loader`` with a fixed draw of t and noise.
+
+    The same ``seed`` gives the same times and noise for the same data, so two models
+    (or two checkpoints of one model) are compared on identical noisy inputs.
+
+    Parameters
+    ----------
+    model : CanonicalizedDiffusion
+        The model (its ``training_loss`` is evaluated, in whatever mode it is in).
+    loader : iterable
+        Batches of held-out data.
+    seed : int
+        Seed of the generator that draws t and the noise.
+
+    Returns
+    -------
+    float
+        Mean of ``training_loss(batch).per_sample`` over all samples.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    device = _device_of(model)
+    for batch in loader:
+        out = model.training_loss(batch.to(device), generator=gen)
+        total += out.per_sample.sum().item()
+        count += out.per_sample.numel()
+    if count == 0:
+        raise ValueError("heldout_loss: the loader yielded no samples")
+    return total / count
+
+
+@torch.no_grad()
+def heldout_nll(model: Any, loader: Iterable[Any], seed: int = 0) -> dict[str, float]:
+    """Mean variational bound on ``-log p(x)`` (nats per sample) and its terms.
+
+    Uses the model's Monte-Carlo estimate (one t per sample, fixed by ``seed``).
+
+    Returns
+    -------
+    dict
+        ``nll``, ``kl_prior``, ``diffusion``, ``reconstruction`` and ``size``, each the
+        mean over all samples of ``loader``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    sums: dict[str, float] = {}
+    count = 0
+    device = _device_of(model)
+    for batch in loader:
+        out = model.nll(batch.to(device), generator=gen)
+        for key in ("nll", "kl_prior", "diffusion", "reconstruction", "size"):
+            sums[key] = sums.get(key, 0.0) + getattr(out, key).sum().item()
+        count += out.nll.numel()
+    if count == 0:
+        raise ValueError("heldout_nll: the loader yielded no samples")
+    return {k: v / count for k, v in sums.items()}
+
+
+class FrameDrift:
+    """How far a learned canonicalizer's frames move between two evaluations.
+
+    Holds a fixed probe batch; each call computes the canonicalizer's rotation for every
+    probe sample and returns the median angle (degrees) of ``R_prev^T R_now`` against the
+    previous call (``None`` on the first call), plus the median angle to the frames of the
+    first call. A monitor for training logs, not part of any model.
+
+    Parameters
+    ----------
+    probe : Batch
+        A fixed batch of point clouds (e.g. 64 validation molecules).
+    """
+
+    def __init__(self, probe: Any) -> None:
+        self.probe = probe
+        self._first: torch.Tensor | None = None
+        self._last: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def __call__(self, canonicalizer: Canonicalizer) -> dict[str, float]:
+        was_training = canonicalizer.training
+        canonicalizer.eval()
+        try:
+            device = _device_of(canonicalizer)
+            rot = canonicalizer(self.probe.to(device)).element.double().cpu()
+        finally:
+            canonicalizer.train(was_training)
+        if rot.dim() != 3 or rot.shape[-2:] != (3, 3):
+            raise ValueError("FrameDrift needs a canonicalizer whose elements are [B, 3, 3]")
+        out: dict[str, float] = {}
+        if self._last is not None:
+            out["frame_drift_deg"] = rotation_angle(self._last, rot).median().item()
+            out["frame_drift_total_deg"] = rotation_angle(self._first, rot).median().item()
+        else:
+            self._first = rot
+        self._last = rot
+        return out
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str], weights: str = "raw") -> nn.Module:
+    """Load raw or EMA weights from a checkpoint written by ``training.Trainer`` (in place).
+
+    The file is read with ``torch.load(weights_only=True)``, which refuses pickled code
+    (a crafted checkpoint cannot run anything).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model of the same architecture as the one that was trained.
+    path : path
+        A ``ckpt_<step>.pt`` file.
+    weights : Literal['raw', 'ema']
+        ``'ema'`` loads the exponential moving average of the weights (an error if the
+        checkpoint holds none).
+
+    Returns
+    -------
+    nn.Module
+        ``model``, in eval mode.
+    """
+    if weights not in ("raw", "ema"):
+        raise ValueError(f"weights must be 'raw' or 'ema'; got {weights!r}")
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors have many types
+        raise ValueError(f"cannot load checkpoint {path}: {err}") from err
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"{path} is not a canonwrap training checkpoint (no 'model' entry)")
+    model.load_state_dict(ckpt["model"])
+    if weights == "ema":
+        ema_state = ckpt.get("ema")
+        if ema_state is None:
+            raise ValueError(f"{path} holds no EMA weights; use weights='raw'")
+        from canonwrap.training import EMA
+
+        ema = EMA(model)
+        ema.load_state_dict(ema_state)
+        ema.copy_to(model)
+    model.eval()
+    return model
+
+
+def qm9_reference_smiles(remove_h: bool = False, progress: bool = True) -> list[str]:
+    """QM9's training SMILES in the molecule metrics' convention (the novelty reference).
+
+    Rewriting 100,000 SMILES with RDKit takes about a minute, so the list is cached next
+    to the QM9 cache (``$CANONWRAP_CACHE`` or ``~/.cache/canonwrap/qm9``) and reused; the
+    file is written atomically and a cache holding fewer than 90 % as many SMILES as the
+    training split is rebuilt.
+
+    Parameters
+    ----------
+    remove_h : bool
+        The hydrogen-free variant of QM9.
+    progress : bool
+        Show a progress bar while rewriting.
+    """
+    from canonwrap.data.qm9 import QM9, default_cache_dir
+    from canonwrap.metrics.molecules import canonicalize_smiles
+
+    path = default_cache_dir() / f"train_smiles_metric_v1{'_noh' if remove_h else ''}.txt"
+    raw = QM9("train", remove_h=remove_h, progress=False).smiles()
+    if path.exists():
+        cached = path.read_text().splitlines()
+        if len(cached) >= 0.9 * len(raw):
+            return cached
+    items: Iterable[str] = raw
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(raw, desc="training SMILES for novelty", unit="mol")
+    out = [c for c in (canonicalize_smiles(s) for s in items) if c is not None]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("\n".join(out))
+    os.replace(tmp, path)
+    return out
+
+
+def load_qm9_run(
+    folder: str | os.PathLike[str], weights: str | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """The trained model of a QM9 example run folder, with the run's configuration.
+
+    Reads ``config.json`` (its ``model_config`` entry describes the model, see
+    [`QM9ModelConfig`][canonwrap.recipes.QM9ModelConfig]), builds the model with QM9's
+    training-set size distribution, and loads the newest checkpoint of
+    ``checkpoints/`` (weights only).
+
+    Parameters
+    ----------
+    folder : path
+        The ``--out`` folder of ``examples/qm9.py train``.
+    weights : Literal['raw', 'ema'], optional
+        Which weights to load (default: the run's ``weights`` setting).
+
+    Returns
+    -------
+    tuple
+        ``(model, config)``: the model in eval mode on the CPU, and ``config.json`` as a dict.
+    """
+    import json
+
+    from canonwrap.data.qm9 import QM9
+    from canonwrap.recipes import QM9ModelConfig, qm9_model
+    from canonwrap.training import find_latest_checkpoint
+
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path} not found: is {folder} a QM9 training folder?")
+    cfg = json.loads(cfg_path.read_text())
+    if "model_config" not in cfg:
+        raise ValueError(f"{cfg_path} has no model_config entry (written by an older version)")
+    from canonwrap import NodeCountDistribution
+
+    train = QM9("train", remove_h=cfg["model_config"]["remove_h"], progress=False)
+    node_counts = NodeCountDistribution(train.node_count_histogram())
+    model = qm9_model(QM9ModelConfig(**cfg["model_config"]), node_counts)
+    ckpt = find_latest_checkpoint(folder / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint in {folder / 'checkpoints'}: train first")
+    load_weights(model, ckpt, weights or cfg.get("weights", "raw"))
+    return model, cfg
