@@ -5,7 +5,11 @@ Models (``--model``):
 - ``gdm``: non-equivariant graph denoiser on centred molecules (translations only);
 - ``edm``: E(n)-equivariant EGNN denoiser (EDM);
 - ``canon-gdm``: GDM behind a learned multi-channel EGNN canonicalizer (SO(3));
-- ``canon-frozen-gdm``: the same canonicalizer at its random initialisation, frozen.
+- ``canon-frozen-gdm``: the same canonicalizer at its random initialisation, frozen;
+- ``pca-gdm``, ``transformer``, ``pca-transformer``, ``canon-transformer``: see
+  ``canonwrap.recipes.SHORTHANDS``. ``--denoiser`` (gnn, egnn, transformer) and
+  ``--canonicalizer`` (com, pca, egnn, egnn-frozen, egnn-anchored) compose freely; with
+  neither, the default is the transformer behind PCA.
 
 Subcommands::
 
