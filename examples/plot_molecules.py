@@ -9,8 +9,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
@@ -19,15 +17,6 @@ from canonwrap.molecules import QM9_ATOM_TYPES, QM9_HEAVY_ATOM_TYPES
 
 COLOURS = {1: "#dddddd", 6: "#404040", 7: "#3050f8", 8: "#ff0d0d", 9: "#90e050"}
 SIZES = {1: 30, 6: 70, 7: 70, 8: 70, 9: 70}
-
-
-def _load_qm9_example():
-    path = Path(__file__).resolve().parent / "qm9.py"
-    spec = importlib.util.spec_from_file_location("canonwrap_example_qm9", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _draw(ax, z, pos, title):
@@ -77,10 +66,10 @@ def main(argv: list[str] | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     from canonwrap.data import QM9
+    from canonwrap.evaluation import load_qm9_run
 
-    qm9 = _load_qm9_example()
     run = Path(args.run)
-    model, cfg, _ = qm9.load_trained(run)
+    model, cfg = load_qm9_run(run)
     from torch_geometric.data import Batch
 
     test = QM9("test", remove_h=cfg["remove_h"], progress=False)
