@@ -136,7 +136,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], weights: str = 
     """Load raw or EMA weights from a checkpoint written by ``training.Trainer`` (in place).
 
     The file is read with ``torch.load(weights_only=True)``, which refuses pickled code
-    (a crafted checkpoint cannot run anything).
+    (a crafted checkpoint cannot run anything), and verified with
+    [`read_checkpoint`][canonwrap.training.read_checkpoint]: a Trainer checkpoint's checksum
+    must match and the weights must be finite. A plain ``{"model": state_dict}`` file
+    (no checksum) is accepted when its weights are finite.
 
     Parameters
     ----------
@@ -152,16 +155,22 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], weights: str = 
     -------
     nn.Module
         ``model``, in eval mode.
+
+    Raises
+    ------
+    CheckpointError
+        A ``ValueError`` naming the file and why it cannot be trusted (unreadable, refused
+        pickled objects, checksum mismatch, non-finite weights).
     """
+    from canonwrap.training import CheckpointError, read_checkpoint
+
     if weights not in ("raw", "ema"):
         raise ValueError(f"weights must be 'raw' or 'ema'; got {weights!r}")
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors have many types
-        raise ValueError(f"cannot load checkpoint {path}: {err}") from err
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{path} is not a canonwrap training checkpoint (no 'model' entry)")
+        ckpt = read_checkpoint(path, trainer_only=False)
+    except CheckpointError as err:
+        raise CheckpointError(f"cannot load checkpoint: {err}") from err
     model.load_state_dict(ckpt["model"])
     if weights == "ema":
         ema_state = ckpt.get("ema")
@@ -176,13 +185,41 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], weights: str = 
     return model
 
 
+_SMILES_CACHE_HEADER = "# canonwrap novelty SMILES v2"
+
+
+def _smiles_digest(lines: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _read_smiles_cache(path: Path, source: str) -> list[str]:
+    """The SMILES of a novelty cache file; ``ValueError`` saying why it does not verify."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    fields = dict(f.split("=", 1) for f in lines[0].split()[5:] if "=" in f)
+    if not lines[0].startswith(_SMILES_CACHE_HEADER) or not {"count", "sha256", "source"} <= set(
+        fields
+    ):
+        raise ValueError("no valid header line")
+    body = lines[1:]
+    if fields["source"] != source:
+        raise ValueError("it was built from other training SMILES")
+    if str(len(body)) != fields["count"]:
+        raise ValueError(f"it holds {len(body)} SMILES, its header says {fields['count']}")
+    if _smiles_digest(body) != fields["sha256"]:
+        raise ValueError("checksum mismatch: the file was altered or damaged")
+    return body
+
+
 def qm9_reference_smiles(remove_h: bool = False, progress: bool = True) -> list[str]:
     """QM9's training SMILES in the molecule metrics' convention (the novelty reference).
 
     Rewriting 100,000 SMILES with RDKit takes about a minute, so the list is cached next
-    to the QM9 cache (``$CANONWRAP_CACHE`` or ``~/.cache/canonwrap/qm9``) and reused; the
-    file is written atomically and a cache holding fewer than 90 % as many SMILES as the
-    training split is rebuilt.
+    to the QM9 cache (``$CANONWRAP_CACHE`` or ``~/.cache/canonwrap/qm9``) and reused. The
+    file is written atomically; its header records the number of SMILES, their SHA-256 and
+    a digest of the training SMILES they were made from, and a cache that does not match
+    all three is rebuilt with a warning that says why.
 
     Parameters
     ----------
@@ -190,26 +227,38 @@ def qm9_reference_smiles(remove_h: bool = False, progress: bool = True) -> list[
         The hydrogen-free variant of QM9.
     progress : bool
         Show a progress bar while rewriting.
+
+    Returns
+    -------
+    list of str
+        One canonical SMILES per training molecule that RDKit can read.
     """
+    import warnings
+
+    from canonwrap._io import atomic_open
     from canonwrap.data.qm9 import QM9, default_cache_dir
     from canonwrap.metrics.molecules import canonicalize_smiles
 
-    path = default_cache_dir() / f"train_smiles_metric_v1{'_noh' if remove_h else ''}.txt"
+    path = default_cache_dir() / f"train_smiles_metric_v2{'_noh' if remove_h else ''}.txt"
     raw = QM9("train", remove_h=remove_h, progress=False).smiles()
+    source = _smiles_digest(raw)
     if path.exists():
-        cached = path.read_text().splitlines()
-        if len(cached) >= 0.9 * len(raw):
-            return cached
+        try:
+            return _read_smiles_cache(path, source)
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            warnings.warn(f"novelty SMILES cache {path} is rebuilt: {err}", stacklevel=2)
     items: Iterable[str] = raw
     if progress:
         from tqdm.auto import tqdm
 
         items = tqdm(raw, desc="training SMILES for novelty", unit="mol")
     out = [c for c in (canonicalize_smiles(s) for s in items) if c is not None]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("\n".join(out))
-    os.replace(tmp, path)
+    header = f"{_SMILES_CACHE_HEADER} count={len(out)} sha256={_smiles_digest(out)} source={source}"
+    try:
+        with atomic_open(path, "w", permissions=0o644) as f:
+            f.write("\n".join([header, *out]))
+    except OSError as err:
+        warnings.warn(f"could not write the novelty SMILES cache {path}: {err}", stacklevel=2)
     return out
 
 

@@ -32,6 +32,7 @@ minutes for ``all``); the published sizes are the defaults of ``--preset full``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -65,7 +66,7 @@ from canonwrap.recipes import (
     qm9_model,
     qm9_optimizer,
 )
-from canonwrap.training import EMA, Trainer, distributed_sampler_loader
+from canonwrap.training import EMA, Trainer, claim_run_folder, distributed_sampler_loader
 
 MODELS = tuple(SHORTHANDS)
 #: What runs when neither --model nor --denoiser/--canonicalizer is given.
@@ -221,6 +222,13 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     distributed = init_distributed()
     rank = dist.get_rank() if distributed else 0
     out = Path(args.out)
+    # one run per folder: refuse another run's folder unless --resume or --overwrite
+    claim = claim_run_folder if rank == 0 else lambda *a, **k: contextlib.nullcontext()
+    with claim(out, resume=args.resume, overwrite=args.overwrite):
+        return _train(args, distributed, rank, out)
+
+
+def _train(args: argparse.Namespace, distributed: bool, rank: int, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
     if args.resume and cfg_path.exists():
@@ -520,6 +528,11 @@ def parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("--remove-h", action="store_true", help="QM9 without hydrogens")
         sp.add_argument("--resume", action="store_true", help="continue from checkpoints")
+        sp.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="delete what --out holds (another run's files) before training",
+        )
         sp.add_argument(
             "--tensorboard",
             action="store_true",

@@ -80,7 +80,7 @@ from canonwrap.metrics.images import (
     split_by_exactness,
     standard_error,
 )
-from canonwrap.training import EMA, Trainer, find_latest_checkpoint
+from canonwrap.training import EMA, Trainer, claim_run_folder, find_latest_checkpoint
 
 #: configuration name -> (group order n, frozen); ``None``: no canonicalizer
 CONFIGS: dict[str, tuple[int, bool] | None] = {
@@ -367,15 +367,20 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_config(name: str, cfg: dict[str, Any], data, args: argparse.Namespace) -> dict[str, Any]:
     """Train, evaluate and sample one configuration; writes ``<out>/<name>/``."""
-    train, test, test_images = data
     folder = Path(args.out) / name
-    folder.mkdir(parents=True, exist_ok=True)
+    # one run per folder: refuse another run's folder unless --resume or --overwrite
+    with claim_run_folder(folder, resume=args.resume, overwrite=args.overwrite):
+        return _run_config(name, cfg, data, args, folder)
+
+
+def _run_config(
+    name: str, cfg: dict[str, Any], data, args: argparse.Namespace, folder: Path
+) -> dict[str, Any]:
+    train, test, test_images = data
     progress = not args.no_progress
     model = build_model(name, cfg)
     params = count_parameters(model)
     ckpt_dir = folder / "checkpoints"
-    if not args.resume and find_latest_checkpoint(ckpt_dir) is not None:
-        raise SystemExit(f"{ckpt_dir} holds checkpoints: pass --resume or use a new --out")
     (folder / "config.json").write_text(
         json.dumps({"config": name, **cfg, "parameters": params}, indent=2)
     )
@@ -710,6 +715,11 @@ def parser() -> argparse.ArgumentParser:
         help="seed of the test t and noise, and of the samples (default: %(default)s)",
     )
     run.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete an earlier run's files in --out/<config> before training it",
+    )
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument(
         "--checkpoint-every",

@@ -42,7 +42,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torch_geometric.data import Data
 
-from canonwrap._io import atomic_torch_save
+from canonwrap._io import atomic_torch_save, tree_digest
 from canonwrap.molecules import CHARGE_SCALE, ONE_HOT_SCALE, QM9_ATOM_TYPES, QM9_HEAVY_ATOM_TYPES
 
 __all__ = [
@@ -68,7 +68,7 @@ _QM9PACK_CSVS: tuple[str, ...] = (
     "qm9pack/data/qm9_part3.csv",
 )
 _REQUIRED_COLUMNS: tuple[str, ...] = ("Index", "SMILES", "N_atoms", "Elements", "XYZ_Ang")
-_CACHE_FORMAT: int = 1
+_CACHE_FORMAT: int = 2  # 2: SHA-256 checksum of the arrays, finite positions
 _STORE_KEYS: tuple[str, ...] = (
     "z",
     "pos",
@@ -379,6 +379,14 @@ def _check_store(store: Store, where: str) -> None:
     unknown = sorted(set(torch.unique(store["z"]).tolist()) - set(QM9_ATOM_TYPES))
     if unknown:
         raise ValueError(f"{where}: unknown atomic numbers {unknown}")
+    finite = torch.isfinite(store["pos"]).all(dim=1)
+    if not bool(finite.all()):
+        atoms = (~finite).nonzero().flatten()
+        molecules = torch.unique(torch.searchsorted(off, atoms, right=True) - 1)
+        raise ValueError(
+            f"{where}: non-finite positions in {molecules.numel()} molecules (indices "
+            f"{molecules[:5].tolist()}{', ...' if molecules.numel() > 5 else ''})"
+        )
 
 
 # --------------------------------------------------------------------------- disk cache
@@ -394,9 +402,12 @@ def _load_qm9pack_store(
 ) -> Store:
     """Load the qm9pack data from the disk cache, parsing the CSVs and writing it if needed.
 
-    A cache written for another qm9pack version or file size, or one that cannot be read,
-    is rebuilt (with a warning when unreadable). If the cache folder is not writable the
-    parsed data are still returned, with a warning.
+    The cache is read with ``torch.load(weights_only=True)`` and verified: the SHA-256
+    checksum of its arrays, stored with them, must match, and the arrays must be
+    consistent with finite positions. A cache written for another qm9pack version or file
+    size is rebuilt; one that fails to read or verify is rebuilt with a warning that says
+    why. If the cache folder is not writable the parsed data are still returned, with a
+    warning.
 
     Parameters
     ----------
@@ -418,10 +429,13 @@ def _load_qm9pack_store(
             obj = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(obj, dict) or obj.get("format") != _CACHE_FORMAT:
                 raise ValueError("unexpected cache format")
+            if tree_digest([obj.get(k) for k in _STORE_KEYS]) != obj.get("checksum"):
+                raise ValueError("checksum mismatch: the file was altered or damaged")
             _check_store(obj, f"cache {path}")
         except Exception as err:  # any unreadable cache is rebuilt
             warnings.warn(
-                f"QM9 cache {path} is unreadable ({type(err).__name__}: {err}); rebuilding it",
+                f"QM9 cache {path} is unreadable or damaged ({type(err).__name__}: {err}); "
+                "rebuilding it",
                 stacklevel=3,
             )
         else:
@@ -431,7 +445,14 @@ def _load_qm9pack_store(
         _qm9pack_csv_paths()  # raises the informative FileNotFoundError
         raise AssertionError("unreachable")  # pragma: no cover
     store = _parse_qm9pack_csvs(paths, limit=limit, progress=progress)
-    obj = dict(store, format=_CACHE_FORMAT, fingerprint=_qm9pack_fingerprint(paths), limit=limit)
+    _check_store(store, f"qm9pack data {[str(p) for p in paths]}")
+    obj = dict(
+        store,
+        format=_CACHE_FORMAT,
+        fingerprint=_qm9pack_fingerprint(paths),
+        limit=limit,
+        checksum=tree_digest([store[k] for k in _STORE_KEYS]),
+    )
     try:
         atomic_torch_save(obj, path, permissions=0o644)  # a cache others may read
     except OSError as err:
@@ -467,6 +488,29 @@ def _load_pyg_store(root: str | os.PathLike[str], check_count: bool = True) -> S
                 f"{self.processed_paths[0]} (or raw files {self.raw_paths}). Download it once "
                 "with `torch_geometric.datasets.QM9(root)` or use source='qm9pack'."
             )
+
+        def _process(self) -> None:
+            # torch_geometric unpickles processed/pre_transform.pt and pre_filter.pt with
+            # weights_only=False before using processed files: skip that (nothing is
+            # pre-transformed here)
+            if not files_exist(self.processed_paths):
+                super()._process()
+
+        def load(self, path: str, data_cls: Any = Data) -> None:
+            # weights only, without torch_geometric's fallback to a full unpickler
+            try:
+                out = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # damaged files and refused pickles fail in many ways
+                raise ValueError(
+                    f"cannot read torch_geometric QM9 file {path} with torch.load("
+                    "weights_only=True) (damaged, or holding objects other than tensors and "
+                    f"torch_geometric's data classes): {type(err).__name__}: {err}"
+                ) from err
+            if not isinstance(out, tuple) or len(out) not in (2, 3):
+                raise ValueError(f"{path} is not a processed torch_geometric dataset")
+            data, self.slices = out[0], out[1]
+            cls = out[2] if len(out) == 3 else data_cls
+            self.data = cls.from_dict(data) if isinstance(data, dict) else data
 
     if not root_path.is_dir():
         raise FileNotFoundError(

@@ -43,13 +43,28 @@ With DDP, pass a ``loss_fn`` that goes through the wrapper's ``forward`` so that
 synchronised. [`distributed_sampler_loader`][canonwrap.training.distributed_sampler_loader] builds a
 loader with a ``DistributedSampler``.
 
+Reliability
+-----------
+Every checkpoint carries a SHA-256 checksum of its contents; files are read with
+``torch.load(weights_only=True)`` and verified (checksum, finite weights) by
+[`read_checkpoint`][canonwrap.training.read_checkpoint], and
+[`Trainer.resume`][canonwrap.training.Trainer.resume] takes the newest checkpoint of a folder
+that verifies, naming the ones it skipped. After every optimizer step the weights and the
+EMA are checked to be finite: a step that breaks them stops training with an error that
+names the step, and no checkpoint ever holds non-finite weights. Before the first step,
+[`Trainer.fit`][canonwrap.training.Trainer.fit] checks that the checkpoint folder is
+writable, takes its [`RunLock`][canonwrap.training.RunLock] and removes temporary files of
+interrupted saves. [`claim_run_folder`][canonwrap.training.claim_run_folder] gives a whole
+output folder to one run (the examples' ``--resume``/``--overwrite``).
+
 Layout
 ------
 ``trainer`` ([`Trainer`][canonwrap.training.Trainer],
-[`TrainState`][canonwrap.training.TrainState]), ``ema``, ``clipping``, ``checkpoint`` (files, atomic
-writes, reading), ``rng`` (global RNG states), ``data_order`` (rules 1 and 2), ``distributed``,
-``loss`` (calling ``loss_fn``) and ``logs`` (``log.jsonl``, TensorBoard). Everything public is
-importable from ``canonwrap.training``.
+[`TrainState`][canonwrap.training.TrainState]), ``ema``, ``clipping``, ``checkpoint`` (files,
+atomic writes), ``integrity`` (checksums, reading and verifying), ``run_folder`` (locks, one
+run per folder, checks before training), ``rng`` (global RNG states), ``data_order`` (rules 1
+and 2), ``distributed``, ``loss`` (calling ``loss_fn``) and ``logs`` (``log.jsonl``,
+TensorBoard). Everything public is importable from ``canonwrap.training``.
 """
 
 from canonwrap.training.checkpoint import (
@@ -60,8 +75,10 @@ from canonwrap.training.checkpoint import (
 from canonwrap.training.clipping import GradNormQueue, clip_grad_adaptive
 from canonwrap.training.distributed import distributed_sampler_loader
 from canonwrap.training.ema import EMA
+from canonwrap.training.integrity import CheckpointError, read_checkpoint
 from canonwrap.training.loss import LossFn
 from canonwrap.training.rng import get_rng_state, set_rng_state
+from canonwrap.training.run_folder import RunLock, claim_run_folder
 from canonwrap.training.trainer import Trainer, TrainState
 
 __all__ = [
@@ -76,5 +93,9 @@ __all__ = [
     "get_rng_state",
     "set_rng_state",
     "CHECKPOINT_FORMAT",
+    "CheckpointError",
     "LossFn",
+    "RunLock",
+    "claim_run_folder",
+    "read_checkpoint",
 ]

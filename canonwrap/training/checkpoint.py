@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic writes, ``ckpt_<step>.pt`` naming, finding, reading, pruning.
+"""Checkpoint files: atomic writes, ``ckpt_<step>.pt`` naming, finding and pruning (reading
+and verifying them is in ``integrity``).
 
 Also the name/shape comparison that explains why a checkpoint or EMA state does not fit a
 model.
@@ -13,15 +14,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from canonwrap._io import atomic_torch_save
 
 __all__ = ["CHECKPOINT_FORMAT", "atomic_torch_save", "find_latest_checkpoint"]
 
-CHECKPOINT_FORMAT = "canonwrap.trainer/1"
-"""The ``"format"`` entry of every Trainer checkpoint; ``Trainer.resume`` rejects other files."""
+CHECKPOINT_FORMAT = "canonwrap.trainer/2"
+"""The ``"format"`` entry of every Trainer checkpoint; ``Trainer.resume`` rejects other files.
+
+Format 2 adds a ``"checksum"`` entry (SHA-256 of all other contents) that is verified on load.
+"""
+LEGACY_CHECKPOINT_FORMATS: tuple[str, ...] = ("canonwrap.trainer/1",)
+"""Older formats that are still read (with a warning: they carry no checksum)."""
 _CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
 
 
@@ -29,55 +34,55 @@ def _checkpoint_name(step: int) -> str:
     return f"ckpt_{step:09d}.pt"
 
 
-def _checkpoint_files(directory: Path) -> list[tuple[int, Path]]:
+def _checkpoint_files(directory: Path, *, strict: bool = True) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the ``ckpt_<step>.pt`` files of ``directory``, oldest first.
+
+    With ``strict``, an entry named like a checkpoint that is no regular file (a folder, for
+    instance) raises ``ValueError``: skipping it would silently roll a run back to an older
+    checkpoint. Without, such entries are ignored.
+    """
     if not directory.is_dir():
         return []
     found = []
     for entry in directory.iterdir():
         match = _CKPT_RE.match(entry.name)
-        if match and entry.is_file():
+        if not match:
+            continue
+        if entry.is_file():
             found.append((int(match.group(1)), entry))
+        elif strict:
+            kind = "a folder" if entry.is_dir() else "not a regular file"
+            raise ValueError(
+                f"{entry} is {kind}, where a checkpoint file of that name is expected; move "
+                "it away (using an older checkpoint instead would silently roll the run back)"
+            )
     return sorted(found)
 
 
 def find_latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
-    """The ``ckpt_<step>.pt`` file with the highest step in ``directory`` (``None`` if none)."""
+    """The ``ckpt_<step>.pt`` file with the highest step in ``directory`` (``None`` if none).
+
+    Parameters
+    ----------
+    directory : path
+        A checkpoint folder.
+
+    Raises
+    ------
+    ValueError
+        If an entry named like a checkpoint is no regular file.
+    """
     files = _checkpoint_files(Path(directory))
     return files[-1][1] if files else None
 
 
 def _prune_checkpoints(directory: Path, keep: int, current: Path) -> None:
     """Delete all but the newest ``keep`` checkpoints of ``directory``, never ``current``."""
-    files = _checkpoint_files(directory)
+    files = _checkpoint_files(directory, strict=False)
     for _, old in files[: max(len(files) - keep, 0)]:
         if old != current:
             with contextlib.suppress(OSError):
                 old.unlink()
-
-
-def _load_checkpoint(path: Path, *, weights_only: bool) -> tuple[Path, Mapping[str, Any]]:
-    """Read a checkpoint file, or the latest ``ckpt_<step>.pt`` of a folder.
-
-    Returns the file read and its contents; raises ``FileNotFoundError`` if there is none
-    and ``ValueError`` if it is unreadable or no Trainer checkpoint.
-    """
-    if path.is_dir():
-        latest = find_latest_checkpoint(path)
-        if latest is None:
-            raise FileNotFoundError(f"no ckpt_<step>.pt checkpoint in {path}")
-        path = latest
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as err:  # truncated or corrupt files fail deep inside torch.load
-        raise ValueError(
-            f"cannot read checkpoint {path} ({path.stat().st_size} bytes; truncated or "
-            f"corrupt?): {type(err).__name__}: {err}"
-        ) from err
-    if not isinstance(ckpt, Mapping) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a canonwrap Trainer checkpoint")
-    return path, ckpt
 
 
 def _shape_mismatches(

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from canonwrap.training.checkpoint import (
     CHECKPOINT_FORMAT,
+    _checkpoint_files,
     _checkpoint_name,
-    _load_checkpoint,
     _prune_checkpoints,
     _shape_mismatches,
     _shapes,
@@ -32,6 +32,14 @@ from canonwrap.training.clipping import GradNormQueue, _clip_gradients
 from canonwrap.training.data_order import _epoch_batches
 from canonwrap.training.distributed import _any_rank, _is_main_process, _unwrap
 from canonwrap.training.ema import EMA
+from canonwrap.training.integrity import (
+    _all_finite,
+    _listed,
+    _nonfinite_names,
+    _read_newest_verified,
+    _with_checksum,
+    read_checkpoint,
+)
 from canonwrap.training.logs import (
     _append_record,
     _tensorboard_writer,
@@ -40,6 +48,7 @@ from canonwrap.training.logs import (
 )
 from canonwrap.training.loss import LossFn, _default_loss_fn, _scalar, _split_loss, _to_device
 from canonwrap.training.rng import _derive_seed, _preserved_rng, get_rng_state, set_rng_state
+from canonwrap.training.run_folder import RunLock, _open_checkpoint_dir
 
 __all__ = ["TrainState", "Trainer"]
 
@@ -232,6 +241,10 @@ class Trainer:
     def fit(self) -> TrainState:
         """Train until ``max_steps``, ``max_seconds`` or ``max_epochs`` is reached.
 
+        Before the first step, the checkpoint folder is checked to be writable, locked
+        against other runs (see [`RunLock`][canonwrap.training.RunLock]) and cleared of
+        temporary files left by saves that were killed midway.
+
         Returns
         -------
         TrainState
@@ -240,10 +253,42 @@ class Trainer:
         Raises
         ------
         FloatingPointError
-            If the loss or the gradient norm is not finite (the weights are not updated).
+            If the loss or the gradient norm is not finite (the weights are not updated), or
+            the weights or the EMA are not finite after an optimizer step (no checkpoint of
+            that step is written; the last good one stays).
+        PermissionError
+            If the checkpoint folder or its log is not writable (before any step).
+        RuntimeError
+            If another live process holds the checkpoint folder's lock.
         """
         if self.max_steps is None and self.max_seconds is None and self.max_epochs is None:
             raise ValueError("set at least one of max_steps, max_seconds, max_epochs")
+        lock = self._claim_checkpoint_dir()
+        try:
+            return self._fit()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _claim_checkpoint_dir(self) -> RunLock | None:
+        """Check, lock and clean the checkpoint folder (rank 0; ``None`` without a folder)."""
+        if self.checkpoint_dir is None or not self.is_main_process:
+            return None
+        lock, removed = _open_checkpoint_dir(self.checkpoint_dir, "log.jsonl")
+        try:
+            _checkpoint_files(self.checkpoint_dir)  # a non-file under a checkpoint's name
+        except BaseException:
+            lock.release()
+            raise
+        if removed:
+            warnings.warn(
+                f"removed {len(removed)} temporary file(s) left in {self.checkpoint_dir} by "
+                f"saves that were interrupted: {', '.join(removed)}",
+                stacklevel=3,
+            )
+        return lock
+
+    def _fit(self) -> TrainState:
         if self._pending_rng is not None:
             set_rng_state(self._pending_rng)
             self._pending_rng = None
@@ -354,12 +399,13 @@ class Trainer:
                 "the weights were not updated"
             )
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step)
+        self._check_finite_weights(params, step, loss_value, grad_norm)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.state.step = step
         self.state.batch_in_epoch += 1
-        if self.ema is not None:
-            self.ema.update(self.model, step)
         w = self._window
         w["count"] += 1
         w["loss"] += loss_value
@@ -367,6 +413,26 @@ class Trainer:
         for name, value in terms.items():
             w["terms"][name] = w["terms"].get(name, 0.0) + _scalar(value)
         return loss_value
+
+    def _check_finite_weights(
+        self, params: list[Tensor], step: int, loss_value: float, grad_norm: float
+    ) -> None:
+        """Raise ``FloatingPointError`` if an optimizer step made a weight or the EMA non-finite."""
+        shadow = list(self.ema.shadow.values()) if self.ema is not None else []
+        if _all_finite([*params, *shadow]):
+            return
+        bad = _nonfinite_names(_unwrap(self.model).named_parameters())
+        if self.ema is not None:
+            bad += [f"ema {n}" for n in _nonfinite_names(self.ema.shadow.items())]
+        last = self.state.last_checkpoint
+        raise FloatingPointError(
+            f"non-finite weights after the optimizer step of step {step} (epoch "
+            f"{self.state.epoch}, batch {self.state.batch_in_epoch}, loss {loss_value:.6g}, "
+            f"gradient norm {grad_norm:.6g}): {_listed(bad) or 'optimizer parameters'}. "
+            "Training stopped; no checkpoint holds these weights, the last good one is "
+            f"{last if last is not None else 'none (none was written)'}. A learning rate too "
+            "large for the model is the usual cause"
+        )
 
     # -- logging and evaluation -----------------------------------------------------------
 
@@ -433,7 +499,12 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """Everything needed to resume exactly (see the module docstring)."""
+        """Everything needed to resume exactly (see the module docstring).
+
+        The file that [`save_checkpoint`][canonwrap.training.Trainer.save_checkpoint]
+        writes holds this plus a ``"checksum"`` entry.
+        """
+        module = _unwrap(self.model)
         return {
             "format": CHECKPOINT_FORMAT,
             "step": self.state.step,
@@ -441,7 +512,8 @@ class Trainer:
             "batch_in_epoch": self.state.batch_in_epoch,
             "elapsed": self.state.elapsed,
             "seed": self.seed,
-            "model": _unwrap(self.model).state_dict(),
+            "model": module.state_dict(),
+            "parameter_names": [name for name, _ in module.named_parameters()],
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": (
                 self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None
@@ -463,10 +535,17 @@ class Trainer:
     def save_checkpoint(self, path: str | os.PathLike[str] | None = None) -> Path | None:
         """Write a checkpoint atomically; returns its path (``None`` on ranks other than 0).
 
+        The file carries a SHA-256 checksum of its contents, verified whenever it is read.
+
         Parameters
         ----------
         path : path, optional
             Target file; default ``checkpoint_dir / f"ckpt_{step:09d}.pt"``.
+
+        Raises
+        ------
+        FloatingPointError
+            If a parameter or the EMA is not finite (nothing is written).
         """
         if path is None:
             if self.checkpoint_dir is None:
@@ -475,45 +554,77 @@ class Trainer:
         path = Path(path)
         if not self.is_main_process:
             return None
-        atomic_torch_save(self.checkpoint_state(), path)
+        state = self.checkpoint_state()
+        bad = _nonfinite_names(_unwrap(self.model).named_parameters())
+        if self.ema is not None:
+            bad += [f"ema {n}" for n in _nonfinite_names(self.ema.shadow.items())]
+        if bad:
+            raise FloatingPointError(
+                f"checkpoint of step {self.state.step} not written to {path}: non-finite "
+                f"weights {_listed(bad)}"
+            )
+        atomic_torch_save(_with_checksum(state), path)
         self.state.last_checkpoint = path
         self._saved_step = self.state.step
         if self.keep_checkpoints is not None and path.parent == self.checkpoint_dir:
             _prune_checkpoints(path.parent, self.keep_checkpoints, path)
         return path
 
-    def resume(
-        self, path: str | os.PathLike[str] | None = None, *, weights_only: bool = True
-    ) -> TrainState:
-        """Load a checkpoint (a file, or the latest ``ckpt_<step>.pt`` of a folder).
+    def resume(self, path: str | os.PathLike[str] | None = None) -> TrainState:
+        """Load a checkpoint: a file, or the newest ``ckpt_<step>.pt`` of a folder that verifies.
+
+        Files are read with ``torch.load(weights_only=True)`` (a crafted file cannot run
+        code) and verified: their checksum must match and their weights be finite. From a
+        folder, checkpoints that fail are skipped, newest first, with a warning that names
+        each and why, and renamed to ``<name>.corrupt``; an entry named like a checkpoint
+        that is no regular file is an error (never a silent rollback).
 
         Model, optimizer, scheduler, EMA, gradient-norm queue, step, epoch, position in the
         epoch and data seed are restored now; the global RNG states are restored now and
         again when [`fit`][canonwrap.training.Trainer.fit] starts (so RNG use in between does not
-        matter). Log records after the resumed step are dropped from ``log.jsonl``.
+        matter). Log records after the step actually resumed are dropped from ``log.jsonl``.
 
         Parameters
         ----------
         path : path, optional
             Checkpoint file or folder; default ``checkpoint_dir``.
-        weights_only : bool, default True
-            Passed to ``torch.load`` (set ``False`` only for trusted files whose scheduler
-            state holds arbitrary objects).
 
         Raises
         ------
         FileNotFoundError
             If no checkpoint is found.
+        CheckpointError
+            If the file (or every checkpoint of the folder) fails to verify; a
+            ``ValueError``.
         ValueError
-            If the file cannot be read (truncated, corrupt) or is no Trainer checkpoint, or
-            if the checkpoint does not fit the model (names and shapes listed), the EMA or
-            the optimizer. Nothing is changed then.
+            If an entry named like a checkpoint is no file, or if the checkpoint does not
+            fit the model (names and shapes listed), the EMA or the optimizer. Nothing is
+            changed then.
+        RuntimeError
+            If another live process holds the lock of ``checkpoint_dir``.
         """
         if path is None:
             if self.checkpoint_dir is None:
                 raise ValueError("no checkpoint_dir given and no path passed")
             path = self.checkpoint_dir
-        path, ckpt = _load_checkpoint(Path(path), weights_only=weights_only)
+        main = self.is_main_process
+        lock = None
+        if main and self.checkpoint_dir is not None and self.checkpoint_dir.is_dir():
+            try:  # another live run must not change under our feet (RuntimeError)
+                lock = RunLock(self.checkpoint_dir).acquire()
+            except OSError:  # a read-only folder: resuming to evaluate is fine
+                lock = None
+        try:
+            return self._resume(Path(path), rename=main)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _resume(self, path: Path, rename: bool) -> TrainState:
+        if path.is_dir():
+            path, ckpt = _read_newest_verified(path, rename=rename)
+        else:
+            ckpt = read_checkpoint(path)
 
         # validate everything before changing anything
         module = _unwrap(self.model)
@@ -538,25 +649,25 @@ class Trainer:
             if ckpt.get("lr_scheduler") is not None:
                 self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
             else:
-                warnings.warn(f"{path} holds no lr_scheduler state", stacklevel=2)
+                warnings.warn(f"{path} holds no lr_scheduler state", stacklevel=3)
         if self.ema is not None:
             if ckpt.get("ema") is not None:
                 self.ema.load_state_dict(ckpt["ema"])
             else:
                 warnings.warn(
                     f"{path} holds no EMA; the EMA restarts from the loaded weights",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
                 self.ema = EMA(self.model, self.ema.decay, self.ema.start_step)
         if self.grad_queue is not None:
             if ckpt.get("grad_clip_queue") is not None:
                 self.grad_queue.load_state_dict(ckpt["grad_clip_queue"])
             else:
-                warnings.warn(f"{path} holds no gradient-norm queue", stacklevel=2)
+                warnings.warn(f"{path} holds no gradient-norm queue", stacklevel=3)
         if int(ckpt["seed"]) != self.seed:
             warnings.warn(
                 f"using the checkpoint's data seed {ckpt['seed']} instead of {self.seed}",
-                stacklevel=2,
+                stacklevel=3,
             )
             self.seed = int(ckpt["seed"])
         self.state.step = int(ckpt["step"])

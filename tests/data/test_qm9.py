@@ -274,7 +274,7 @@ def test_cache_mechanics(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
     monkeypatch.setenv("CANONWRAP_CACHE", str(tmp_path))
     assert qm9mod.default_cache_dir() == tmp_path / "qm9"
     store = qm9mod._load_qm9pack_store(limit=25, progress=False)
-    cache = tmp_path / "qm9" / "qm9pack_v1_first25.pt"
+    cache = tmp_path / "qm9" / "qm9pack_v2_first25.pt"
     assert cache.is_file()
     assert [p.name for p in cache.parent.iterdir()] == [cache.name]  # no temp files left
     assert store["offsets"].numel() == 26 and store["gdb_idx"][:3].tolist() == [1, 2, 3]
@@ -293,6 +293,102 @@ def test_cache_mechanics(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
         rebuilt = qm9mod._load_qm9pack_store(limit=25, progress=False)
     assert torch.equal(rebuilt["pos"], store["pos"])
     assert torch.load(cache, weights_only=True)["limit"] == 25
+
+
+def _rebuilds(match: str, store: dict) -> None:
+    """Loading the cache warns ``match``, re-parses the CSVs and gives ``store`` back."""
+    with pytest.warns(UserWarning, match=match):
+        rebuilt = qm9mod._load_qm9pack_store(limit=25, progress=False)
+    for key, value in store.items():
+        assert torch.equal(rebuilt[key], value), key
+
+
+@needs_data
+def test_damaged_cache_is_caught_and_rebuilt(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Altered bytes, non-finite positions and pickled code in the QM9 cache never reach a
+    dataset: each is caught (checksum, finiteness, weights-only load) and the cache rebuilt."""
+    from canonwrap._io import tree_digest
+    from tests.training.helpers import Payload
+
+    monkeypatch.setenv("CANONWRAP_CACHE", str(tmp_path))
+    store = qm9mod._load_qm9pack_store(limit=25, progress=False)
+    cache = tmp_path / "qm9" / "qm9pack_v2_first25.pt"
+
+    # finite garbage inside the positions: torch.load alone reads it without a word
+    data = bytearray(cache.read_bytes())
+    at = data.find(store["pos"].numpy().tobytes())
+    assert at > 0
+    data[at + 40 : at + 40 + 4 * 64] = np.full(64, 1.5, dtype="<f4").tobytes()
+    cache.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(cache, weights_only=True)["pos"], store["pos"])
+    _rebuilds("checksum mismatch", store)
+
+    # NaN positions behind a matching checksum
+    obj = torch.load(cache, weights_only=True)
+    obj["pos"][7] = float("nan")
+    obj["checksum"] = tree_digest([obj[k] for k in qm9mod._STORE_KEYS])
+    torch.save(obj, cache)
+    _rebuilds(r"non-finite positions in 1 molecules \(indices \[", store)
+
+    # pickled code in place of the cache
+    marker = tmp_path / "ran"
+    torch.save({"format": qm9mod._CACHE_FORMAT, "x": Payload(marker)}, cache)
+    _rebuilds("unreadable or damaged", store)
+    assert not marker.exists()
+    assert sorted(p.name for p in cache.parent.iterdir()) == [cache.name]
+
+
+def test_novelty_smiles_cache_is_verified_and_rebuilt(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import canonwrap.metrics.molecules as molecules
+    from canonwrap.evaluation import qm9_reference_smiles
+
+    raw = ["C", "CO", "CCO", "not a molecule"]
+
+    class FakeQM9:
+        def __init__(self, split: str, remove_h: bool = False, progress: bool = True) -> None:
+            assert split == "train"
+
+        def smiles(self) -> list[str]:
+            return list(raw)
+
+    calls: list[str] = []
+
+    def canonicalize(smiles: str) -> str | None:
+        calls.append(smiles)
+        return None if " " in smiles else f"[{smiles}]"
+
+    monkeypatch.setenv("CANONWRAP_CACHE", str(tmp_path))
+    monkeypatch.setattr(qm9mod, "QM9", FakeQM9)
+    monkeypatch.setattr(molecules, "canonicalize_smiles", canonicalize)
+    expected = ["[C]", "[CO]", "[CCO]"]
+    assert qm9_reference_smiles(progress=False) == expected
+    path = tmp_path / "qm9" / "train_smiles_metric_v2.txt"
+    calls.clear()
+    assert qm9_reference_smiles(progress=False) == expected and calls == []  # reused
+    good = path.read_text()
+
+    def rebuilt(match: str) -> None:
+        calls.clear()
+        with pytest.warns(UserWarning, match=match):
+            assert qm9_reference_smiles(progress=False) == expected
+        assert len(calls) == len(raw) and path.read_text() == good
+
+    path.write_text("\n".join(good.split("\n")[:2]))  # a 2-line cache
+    rebuilt("holds 1 SMILES, its header says 3")
+    path.write_text(good.replace("[CO]", "[CN]"))
+    rebuilt("checksum mismatch")
+    path.write_text("[C]\n[CO]\n[CCO]")  # the list alone, as older versions wrote it
+    rebuilt("no valid header")
+    path.write_bytes(b"\xff\xfe garbage")
+    rebuilt("rebuilt")
+    raw.append("CC")  # other training data: the cache no longer matches them
+    with pytest.warns(UserWarning, match="built from other training SMILES"):
+        assert qm9_reference_smiles(progress=False) == [*expected, "[CC]"]
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
 
 
 def test_pyg_source_offline(tmp_path: Path) -> None:
@@ -317,3 +413,24 @@ def test_pyg_source_offline(tmp_path: Path) -> None:
     torch.testing.assert_close(store["pos"], torch.cat([m.pos for m in mols]))
     with pytest.raises(ValueError, match="130831"):
         QM9("train", source="pyg", root=tmp_path / "pyg")
+
+
+def test_pyg_source_runs_no_pickled_code(tmp_path: Path) -> None:
+    """torch_geometric itself unpickles ``pre_transform.pt`` fully and falls back to a full
+    unpickler when a weights-only load fails; the offline reader does neither."""
+    from torch_geometric.data import Data, InMemoryDataset
+
+    from tests.training.helpers import Payload
+
+    processed = tmp_path / "pyg" / "processed"
+    processed.mkdir(parents=True)
+    mols = [Data(z=torch.tensor([8, 1, 1]), pos=torch.randn(3, 3), smiles="O", idx=0)]
+    InMemoryDataset.save(mols, str(processed / "data_v3.pt"))
+    marker = tmp_path / "ran"
+    for name in ("pre_transform.pt", "pre_filter.pt"):
+        torch.save(Payload(marker), processed / name)
+    assert qm9mod._load_pyg_store(tmp_path / "pyg", check_count=False)["z"].tolist() == [8, 1, 1]
+    torch.save((Payload(marker), {}), processed / "data_v3.pt")
+    with pytest.raises(ValueError, match="cannot read torch_geometric QM9 file .*data_v3.pt"):
+        qm9mod._load_pyg_store(tmp_path / "pyg", check_count=False)
+    assert not marker.exists()

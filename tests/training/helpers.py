@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -93,3 +94,20 @@ def assert_same_run(a: Trainer, b: Trainer) -> None:
         b.state.epoch,
         b.state.batch_in_epoch,
     )
+
+
+def _touch(path: str) -> None:
+    Path(path).write_text("code from a file ran")
+
+
+class Payload:
+    """Unpickling calls ``_touch(marker)``: stands in for a shell command in a crafted file.
+
+    ``torch.load(weights_only=False)`` creates ``marker``; a weights-only load refuses it.
+    """
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (_touch, (self.marker,))
