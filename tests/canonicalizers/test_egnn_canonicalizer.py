@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch_geometric.data import Batch, Data
@@ -158,3 +160,27 @@ def test_no_cross_graph_leakage_and_feature_checks():
         _canon(num_features=5)(data)
     no_x = Batch.from_data_list([Data(pos=g.pos) for g in data.to_data_list()])
     assert_canonicalizer(_canon(num_features=0), no_x, atol=1e-9, generator=gen)
+
+
+def test_one_axis_symmetry_keeps_the_learned_first_axis():
+    """A C3v molecule pools to parallel vectors: ``e1`` is still ``u1 / |u1|`` (so gradients
+    reach the parameters), ``e2`` points to one of the three equivalent atoms."""
+    ring = [[math.cos(2 * math.pi * k / 3), math.sin(2 * math.pi * k / 3), 0.0] for k in range(3)]
+    pos = torch.tensor([[0.0, 0.0, 0.4]] + ring, dtype=torch.float64)
+    pos = pos - pos.mean(0)
+    x = torch.zeros(4, 6, dtype=torch.float64)
+    x[0, 1], x[1:, 0], x[:, 5] = 0.25, 0.25, 0.6
+    data = Batch.from_data_list([Data(pos=pos, x=x)])
+    canon = _canon()
+    u = canon.vectors(canon.normalize(data))[0]
+    sine = torch.linalg.cross(u[:, 0], u[:, 1], dim=0).norm() / u.norm(dim=0).prod()
+    assert sine <= 1e-9  # parallel: both on the three-fold axis
+    rot = canon(data).element[0]
+    assert torch.allclose(rot[:, 0], u[:, 0] / u[:, 0].norm(), atol=1e-12)
+    assert torch.allclose(rot[:, 0].abs(), torch.tensor([0.0, 0, 1], dtype=torch.float64))
+    perp = pos[1:] - (pos[1:] @ rot[:, 0])[:, None] * rot[:, 0]
+    perp = perp / perp.norm(dim=-1, keepdim=True)
+    assert (perp - rot[:, 1]).norm(dim=-1).min() <= 1e-12
+    data.pos.requires_grad_(True)
+    canon(data).canonical.pos[:, 2].pow(2).sum().backward()
+    assert canon.egnn.embedding_out.weight.grad.abs().sum() > 0
