@@ -7,6 +7,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from canonwrap.canonicalizers._frames import (
+    atom_weights,
+    axis_candidates,
+    free_candidates,
+    resolve_frames,
+)
 from canonwrap.canonicalizers.base import Canonicalizer, CanonOutput
 from canonwrap.groups.base import Group, Trivial
 from canonwrap.groups.rotations import SO3
@@ -16,7 +22,6 @@ from canonwrap.pointclouds import (
     check_point_cloud,
     graph_index,
     is_point_cloud,
-    nodes_per_graph,
     num_samples,
     remove_mean,
     segment_mean,
@@ -59,6 +64,27 @@ class CenterOfMass(Canonicalizer):
         return CanonOutput(canonical=self.apply_inverse(data, com), element=com)
 
 
+def _type_features(data: Any) -> Tensor | None:
+    """What tells atoms apart for tie-breaking: ``x`` (``[N, F]``) if present, else ``z``."""
+    n = data.pos.shape[0]
+    for name in ("x", "z"):
+        value = getattr(data, name, None)
+        if isinstance(value, Tensor) and value.dim() in (1, 2) and value.shape[0] == n:
+            return value
+    return None
+
+
+def _sign_candidates(axes: Tensor, sign: Tensor, free: Tensor) -> Tensor:
+    """Frames ``[s1 e1, s2 e2, s1 s2 e1 x e2]`` over both signs of each axis whose third
+    moment does not set one (``free [3]``), the others signed by ``sign [3]``."""
+    frames = []
+    for s1 in (1.0, -1.0) if bool(free[0]) else (float(sign[0]),):
+        for s2 in (1.0, -1.0) if bool(free[1]) else (float(sign[1]),):
+            e1, e2 = axes[:, 0] * s1, axes[:, 1] * s2
+            frames.append(torch.stack([e1, e2, torch.linalg.cross(e1, e2, dim=-1)], dim=-1))
+    return torch.stack(frames)
+
+
 class PCACanonicalizer(Canonicalizer):
     """Principal-axes frame in SO(3) (a fixed, parameter-free canonicalizer).
 
@@ -69,13 +95,40 @@ class PCACanonicalizer(Canonicalizer):
     that ``det R = +1``. Everything is computed in float64 without gradients (the frame is
     fixed; gradients still flow to the data through ``R^T x``).
 
-    Degenerate cases (documented, never NaN): when two eigenvalues coincide (symmetric
-    tops such as methane, linear or single-atom molecules) the frame inside the
-    degenerate eigenspace is whatever the eigensolver returns, and when a third moment
-    vanishes (clouds symmetric under reflection across a principal plane) the sign falls
-    back to the node of largest ``|x . e_k|`` (first such node on ties). In those cases the
-    output is a valid rotation but equivariance holds only up to the symmetry of the cloud.
-    One-atom clouds get the identity frame.
+    With ``l1 >= l2 >= l3`` the eigenvalues of ``C / tr C``, two eigenvalues count as equal
+    when they differ by at most ``rel_tol``, and a third moment as zero when
+    ``|sum_i (x_i . e_k)^3| <= rel_tol |x|^3``. The cases:
+
+    - all eigenvalues distinct and both third moments non-zero (generic clouds, planar
+      ones included): the rule above, exactly equivariant, ``R(Q x) = Q R(x)``;
+    - eigenvalues distinct, a third moment zero (a cloud symmetric under the reflection
+      across that principal plane, e.g. water): that axis may point either way;
+    - ``l2 = l3`` (prolate symmetric tops: collinear clouds, two atoms, ethane,
+      but-2-yne): ``e1 = +-`` the unique axis, ``e2`` the direction of one atom's part
+      orthogonal to it (among those at least half the largest; a fixed rule when all atoms
+      are on the axis);
+    - ``l1 = l2`` (oblate symmetric tops: benzene): ``e3 = +-`` the unique axis, ``e1``
+      from one atom's part in the plane, ``e2 = e3 x e1``;
+    - ``l1 = l2 = l3`` (spherical tops: methane; one atom or coincident atoms): ``e1`` the
+      direction of one atom among those at least half as far from the centre as the
+      farthest, ``e2`` as in the prolate case; the identity when all atoms are at the
+      centre.
+
+    Where a choice remains, each option gives a candidate pose and the one with the
+    largest invariant score ``sum_i w_i exp(-|p_i / rho - r|^2)`` is taken (``rho`` the
+    root-mean-square radius, ``r`` a fixed generic point, ``w_i`` a fixed generic function
+    of the node features ``x``, or of ``z`` when there is no ``x``, so atom types count;
+    the first candidate on ties to ``1e-9``). The candidates rotate with the input and
+    options that a symmetry maps onto each other give the same pose, so the canonical pose
+    is invariant, under rotations and node permutations, as a set of points with their
+    features; ``R`` is then equivariant only up to the cloud's symmetries.
+
+    Parameters
+    ----------
+    rel_tol : float
+        Relative tolerance for equal eigenvalues and zero third moments; raised to 1000
+        machine epsilons of the input's dtype (1.2e-4 for float32 input), below which the
+        input's rounding would decide.
     """
 
     def __init__(self, rel_tol: float = 1e-6) -> None:
@@ -97,30 +150,39 @@ class PCACanonicalizer(Canonicalizer):
         if not bool(torch.isfinite(scale).all()):  # [B] values; eigh would fail obscurely
             raise ValueError("PCACanonicalizer: pos contains non-finite (NaN/Inf) value(s)")
         evals, evecs = torch.linalg.eigh(cov / scale[:, None, None])
-        axes = evecs.flip(-1)  # decreasing eigenvalue
+        lam, axes = evals.flip(-1), evecs.flip(-1)  # decreasing eigenvalue
         proj = torch.einsum("nj,njk->nk", pos, axes[batch])  # [N, 3] coordinates in frame
         third = segment_sum(proj**3, batch, b)  # [B, 3]
         size = segment_sum(pos.pow(2).sum(-1), batch, b).sqrt()  # [B]
-        small = third.abs() <= self.rel_tol * size[:, None].pow(3).clamp_min(1e-300)
-        # fallback sign: the coordinate of largest magnitude (first on ties), per axis
-        fallback = torch.ones_like(third)
-        order = torch.arange(pos.shape[0], device=pos.device)
-        for k in range(2):
-            mag = proj[:, k].abs()
-            best = torch.full((b,), -1.0, dtype=mag.dtype, device=mag.device)
-            best = best.scatter_reduce(0, batch, mag, reduce="amax")
-            is_best = mag >= best[batch] * (1 - 1e-9)
-            idx = torch.full((b,), pos.shape[0], dtype=torch.long, device=pos.device)
-            idx = idx.scatter_reduce(0, batch, torch.where(is_best, order, idx[batch]), "amin")
-            fallback[:, k] = torch.sign(proj[idx.clamp_max(pos.shape[0] - 1), k])
-        sign = torch.where(small, fallback, torch.sign(third))
-        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        # below 1000 machine epsilons of the input, rounding of the input would decide
+        tol = max(self.rel_tol, 1000.0 * torch.finfo(data.pos.dtype).eps)
+        free = third.abs() <= tol * size[:, None].pow(3).clamp_min(1e-300)
+        sign = torch.where(free, torch.ones_like(third), torch.sign(third))
         e1 = axes[:, :, 0] * sign[:, 0:1]
         e2 = axes[:, :, 1] * sign[:, 1:2]
-        e3 = torch.linalg.cross(e1, e2)
-        rot = torch.stack([e1, e2, e3], dim=-1)
-        one_atom = nodes_per_graph(data) <= 1
-        rot[one_atom] = torch.eye(3, dtype=rot.dtype, device=rot.device)
+        rot = torch.stack([e1, e2, torch.linalg.cross(e1, e2, dim=-1)], dim=-1)
+
+        equal12 = lam[:, 0] - lam[:, 1] <= tol
+        equal23 = lam[:, 1] - lam[:, 2] <= tol
+        unresolved = equal12 | equal23 | free[:, :2].any(-1)
+        if bool(unresolved.any()):
+            dtype = data.pos.dtype
+
+            def candidates(g: int, p: Tensor) -> Tensor:
+                ax = axes[g]
+                if bool(equal12[g] & equal23[g]):
+                    return free_candidates(p, precision=dtype)
+                if bool(equal23[g]):  # prolate: e1 is the unique axis
+                    both = torch.stack([ax[:, 0], -ax[:, 0]])
+                    return axis_candidates(p, both, precision=dtype)
+                if bool(equal12[g]):  # oblate: e3 is the unique axis, [e1, e2, e3] cyclic
+                    both = torch.stack([ax[:, 2], -ax[:, 2]])
+                    return axis_candidates(p, both, precision=dtype).roll(2, -1)
+                return _sign_candidates(ax, sign[g], free[g])
+
+            graphs = unresolved.nonzero()[:, 0]
+            weights = atom_weights(_type_features(data), pos.shape[0], pos.device)
+            rot[graphs] = resolve_frames(pos, batch, weights, graphs, candidates)
         return rot.to(data.pos.dtype)
 
     def forward(self, data: Any) -> CanonOutput:

@@ -52,8 +52,13 @@ def _is_rotation(r):
         [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [2.5, 2.5, 2.5]],  # collinear
         [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [1.0, 1.5, 0.0]],  # planar
         # methane: tetrahedral, three equal principal moments, zero third moments
-        [[0, 0, 0], [0.63, 0.63, 0.63], [-0.63, -0.63, 0.63], [-0.63, 0.63, -0.63],
-         [0.63, -0.63, -0.63]],
+        [
+            [0, 0, 0],
+            [0.63, 0.63, 0.63],
+            [-0.63, -0.63, 0.63],
+            [-0.63, 0.63, -0.63],
+            [0.63, -0.63, -0.63],
+        ],
         [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]],  # coincident atoms
     ],
     ids=["one-atom", "two-atoms", "collinear", "planar", "methane", "coincident"],
@@ -65,8 +70,9 @@ def test_pca_degenerate_inputs_give_valid_rotations(pos):
     assert torch.isfinite(out.canonical.pos).all()
     # the canonical pose is still a rigid motion of the centred input
     centred = data.pos - data.pos.mean(0)
-    assert torch.allclose(torch.cdist(out.canonical.pos, out.canonical.pos),
-                          torch.cdist(centred, centred), atol=1e-9)
+    assert torch.allclose(
+        torch.cdist(out.canonical.pos, out.canonical.pos), torch.cdist(centred, centred), atol=1e-9
+    )
 
 
 def test_pca_planar_molecule_lies_in_the_first_two_axes(gen):
@@ -124,3 +130,26 @@ def test_point_cloud_canonicalizers_reject_bad_input(bad):
     else:
         with pytest.raises(TypeError, match="Data/Batch"):
             canon(torch.zeros(2, 5, 3))
+
+
+def _ring(radius, height, count, phase=0.0):
+    k = torch.arange(count, dtype=torch.float64)
+    angle = phase + 2 * torch.pi * k / count
+    return torch.stack([radius * angle.cos(), radius * angle.sin(), torch.full_like(k, height)], -1)
+
+
+def test_pca_symmetric_tops_keep_their_unique_axis(gen):
+    """Equal eigenvalues: the unique principal axis stays (e3 for an oblate top, e1 for a
+    prolate one), the others point through an atom."""
+    benzene = torch.cat([_ring(1.39, 0.0, 6), _ring(2.47, 0.0, 6)])  # l1 = l2
+    carbons = torch.tensor([[0.0, 0, -0.765], [0, 0, 0.765]], dtype=torch.float64)
+    ethane = torch.cat([carbons, _ring(1.02, 1.16, 3), _ring(1.02, -1.16, 3, torch.pi / 3)])
+    r = SO3().random(2, generator=gen, dtype=torch.float64)
+    data = Batch.from_data_list([Data(pos=benzene @ r[0].T), Data(pos=ethane @ r[1].T)])
+    out = PCACanonicalizer()(data)
+    assert _is_rotation(out.element)
+    flat, top = out.canonical.pos[:12], out.canonical.pos[12:]
+    assert flat[:, 2].abs().max() < 1e-9  # e3 is the ring's normal
+    assert (flat[:, 1].abs() < 1e-9).any()  # e1 through an atom
+    assert top[:2, 1:].abs().max() < 1e-9  # e1 is the C-C axis
+    assert (top[2:, 2].abs() < 1e-9).any()  # e2 through an atom
