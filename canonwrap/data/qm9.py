@@ -491,10 +491,18 @@ def _load_pyg_store(root: str | os.PathLike[str], check_count: bool = True) -> S
 
         def _process(self) -> None:
             # torch_geometric unpickles processed/pre_transform.pt and pre_filter.pt with
-            # weights_only=False before using processed files: skip that (nothing is
-            # pre-transformed here)
-            if not files_exist(self.processed_paths):
-                super()._process()
+            # weights_only=False first: skip that (nothing is pre-transformed here)
+            if files_exist(self.processed_paths):
+                return
+            try:  # without RDKit, torch_geometric unpickles raw/qm9_v3.pt with a fallback
+                import rdkit  # noqa: F401  # to a full unpickler: refuse that path
+            except ImportError as err:
+                raise FileNotFoundError(
+                    f"no processed torch_geometric QM9 under {root_path} and no RDKit to "
+                    "process the raw files safely: install rdkit or use source='qm9pack'"
+                ) from err
+            os.makedirs(self.processed_dir, exist_ok=True)
+            self.process()  # what torch_geometric's _process does, less the unpickling
 
         def load(self, path: str, data_cls: Any = Data) -> None:
             # weights only, without torch_geometric's fallback to a full unpickler

@@ -211,6 +211,8 @@ def claim_run_folder(
     anything in it (checkpoints, ``config.json``, logs, samples) belongs to another run,
     which a fresh run would mix with its own files. ``resume`` continues what is there;
     ``overwrite`` deletes everything in the folder first, with a warning that lists it.
+    Claim the run's top folder: a [`Trainer`][canonwrap.training.Trainer] locks its own
+    ``checkpoint_dir`` (a sub-folder) while it trains.
 
     Parameters
     ----------

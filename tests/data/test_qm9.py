@@ -424,12 +424,16 @@ def test_pyg_source_runs_no_pickled_code(tmp_path: Path) -> None:
 
     processed = tmp_path / "pyg" / "processed"
     processed.mkdir(parents=True)
-    mols = [Data(z=torch.tensor([8, 1, 1]), pos=torch.randn(3, 3), smiles="O", idx=0)]
+    mols = [
+        Data(z=torch.tensor([8, 1, 1]), pos=torch.randn(3, 3), smiles="O", idx=i) for i in (0, 1)
+    ]
     InMemoryDataset.save(mols, str(processed / "data_v3.pt"))
     marker = tmp_path / "ran"
     for name in ("pre_transform.pt", "pre_filter.pt"):
         torch.save(Payload(marker), processed / name)
-    assert qm9mod._load_pyg_store(tmp_path / "pyg", check_count=False)["z"].tolist() == [8, 1, 1]
+    assert (
+        qm9mod._load_pyg_store(tmp_path / "pyg", check_count=False)["z"].tolist() == [8, 1, 1] * 2
+    )
     torch.save((Payload(marker), {}), processed / "data_v3.pt")
     with pytest.raises(ValueError, match="cannot read torch_geometric QM9 file .*data_v3.pt"):
         qm9mod._load_pyg_store(tmp_path / "pyg", check_count=False)

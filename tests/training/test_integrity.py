@@ -325,3 +325,26 @@ def test_finiteness_check_passes_finite_runs_unchanged(tmp_path):
         trainer = _trained(tmp_path / "run", steps=4)
     assert trainer.state.step == 4
     assert read_checkpoint(find_latest_checkpoint(tmp_path / "run"))["step"] == 4
+
+
+def test_qm9_example_train_stops_on_non_finite_weights(tmp_path):
+    """The probe: a learning rate that overflows the weights on the last step used to end
+    with exit 0, ``val_loss: nan`` and a checkpoint of NaN weights."""
+    from canonwrap.data import qm9 as qm9mod
+    from tests.helpers import load_script
+
+    try:
+        qm9mod._qm9pack_csv_paths()
+    except FileNotFoundError:
+        pytest.skip("qm9pack data not installed")
+    tiny = ["--quick", "--train-size", "16", "--val-size", "8", "--nll-size", "8", "--hidden",
+            "8", "--layers", "1", "--timesteps", "20", "--batch-size", "8", "--threads", "1",
+            "--no-progress", "--eval-every", "100"]  # fmt: skip
+    out = tmp_path / "run"
+    qm9 = load_script("examples/qm9.py")
+    with pytest.raises(FloatingPointError, match="optimizer step of step 1 "):
+        qm9.main(["train", "--model", "gdm", "--out", str(out), "--max-steps", "1",
+                  "--lr", "inf", *tiny])  # fmt: skip
+    assert find_latest_checkpoint(out / "checkpoints") is None
+    assert not (out / "train_result.json").exists()
+    assert not (out / "run.lock").exists() and not (out / "checkpoints" / "run.lock").exists()
