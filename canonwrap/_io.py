@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
 
 
@@ -97,8 +98,9 @@ def tree_digest(obj: Any) -> str:
     Parameters
     ----------
     obj : object
-        Tensors, ``None``, ``bool``, ``int``, ``float``, ``complex``, ``str``, ``bytes``,
-        ``torch.dtype``, ``torch.device`` and lists, tuples and mappings of these.
+        Tensors, NumPy arrays and scalars, ``None``, ``bool``, ``int``, ``float``,
+        ``complex``, ``str``, ``bytes``, ``torch.dtype``, ``torch.device`` and lists, tuples
+        and mappings of these.
 
     Returns
     -------
@@ -142,6 +144,10 @@ def _digest_into(h: Any, obj: Any, where: str) -> None:
     elif isinstance(obj, bytes):
         tag(b"Y", str(len(obj)))
         h.update(obj)
+    elif isinstance(obj, (np.ndarray, np.generic)) and np.asarray(obj).dtype != object:
+        arr = np.asarray(obj)
+        tag(b"A", f"{arr.dtype.str}{arr.shape}")
+        h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
     elif isinstance(obj, (torch.dtype, torch.device)):
         tag(b"O", f"{type(obj).__name__}:{obj}")
     elif isinstance(obj, Mapping):

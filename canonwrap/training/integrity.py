@@ -141,7 +141,11 @@ def read_checkpoint(path: str | os.PathLike[str], *, trainer_only: bool = True) 
     if entry is not None:
         if not isinstance(entry, Mapping) or entry.get("algorithm") != "sha256":
             raise CheckpointError(f"{path}: unknown checksum entry {entry!r}")
-        if tree_digest(ckpt) != entry.get("digest"):
+        try:
+            digest = tree_digest(ckpt)
+        except TypeError as err:
+            raise CheckpointError(f"{path}: {err}") from err
+        if digest != entry.get("digest"):
             raise CheckpointError(
                 f"{path}: checksum mismatch: the contents were altered or damaged after the "
                 "file was written"
