@@ -10,6 +10,7 @@ import struct
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -173,6 +174,10 @@ def test_tree_digest_is_stable_through_save_and_load_and_sees_one_bit(tmp_path):
     assert tree_digest(x) != tree_digest(x.view(2, 2))
     assert tree_digest([1, 2]) != tree_digest((1, 2)) != tree_digest([1.0, 2.0])
     assert tree_digest({"a": 1}) != tree_digest({"a": True})
+    assert tree_digest(np.float64(1.5)) != tree_digest(np.float32(1.5))
+    assert tree_digest(np.arange(6).reshape(2, 3)[:, ::2]) == tree_digest(
+        np.array([[0, 2], [3, 5]])
+    )
     with pytest.raises(TypeError, match="cannot checksum a object at /a/0"):
         tree_digest({"a": [object()]})
 
