@@ -115,7 +115,13 @@ class RunLock:
             if fcntl is None:  # pragma: no cover - Windows
                 fd, previous = self._acquire_by_pid()
             else:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                except OSError as err:
+                    raise PermissionError(
+                        f"cannot create the lock file {self.path} ({type(err).__name__}: "
+                        f"{err}): is {self.folder} writable?"
+                    ) from err
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:

@@ -174,6 +174,15 @@ def test_an_unwritable_checkpoint_folder_fails_before_the_first_step(tmp_path, m
     assert calls == [] and trainer.state.step == 0
 
 
+def test_an_unwritable_run_folder_is_named(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(run_folder_module.os, "open", refuse)
+    with pytest.raises(PermissionError, match=r"cannot create the lock file .*run.lock"):
+        claim_run_folder(tmp_path / "run")
+
+
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs a non-root POSIX user")
 def test_a_read_only_checkpoint_folder_fails_before_the_first_step(tmp_path):
     folder = tmp_path / "ckpt"
