@@ -110,7 +110,8 @@ class Trainer:
         Object with ``step()``, ``state_dict()``, ``load_state_dict()``; stepped after every
         optimizer step and checkpointed.
     checkpoint_dir : path, optional
-        Where ``ckpt_<step>.pt`` files and ``log.jsonl`` go. ``None``: neither is written.
+        Where ``ckpt_<step>.pt`` files and ``log.jsonl`` go (and ``run.lock`` while ``fit``
+        runs). ``None``: neither is written.
     checkpoint_every : int or None, default 1000
         Steps between checkpoints (a final one is always written when ``fit`` ends).
     keep_checkpoints : int or None, default 3
