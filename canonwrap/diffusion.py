@@ -14,6 +14,7 @@ the invariant distribution.
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,12 @@ from torch import Tensor, nn
 
 from canonwrap.canonicalizers.base import Canonicalizer, CanonOutput
 from canonwrap.canonicalizers.basic import Identity
-from canonwrap.pointclouds import collate_hint, is_point_cloud
+from canonwrap.pointclouds import (
+    collate_hint,
+    is_point_cloud,
+    nodes_per_graph,
+    parameter_mismatch,
+)
 from canonwrap.samplers import AncestralSampler, Sampler
 from canonwrap.schedules import NoiseSchedule, PolynomialSchedule
 from canonwrap.spaces import PointCloudSpace, Space, State, TensorSpace
@@ -93,6 +99,93 @@ def _call_signature_problem(denoiser: Any) -> str | None:
             f"[B]), but {name}{sig} cannot take these two arguments: {err}"
         )
     return None
+
+
+def _component_names(space: Space, count: int) -> tuple[str, ...]:
+    """How the components of a state are named in messages."""
+    if isinstance(space, PointCloudSpace) and count == 2:
+        return ("positions", f"features ({space.feature_key})")
+    if count == 1:
+        return ("values",)
+    return tuple(f"component {i}" for i in range(count))
+
+
+def _all_finite(state: State) -> Tensor:
+    """Whether every entry of every component is finite: a 0-dim bool tensor (no sync)."""
+    return torch.stack([torch.isfinite(s).all() for s in state]).all()
+
+
+def _first_indices(mask: Tensor, limit: int = 5) -> str:
+    """``[i, j, ...]`` of the first ``limit`` true entries of ``mask [B]`` (and how many)."""
+    idx = mask.reshape(-1).nonzero().flatten()
+    shown = idx[:limit].tolist()
+    return str(shown) + (f" ({idx.numel()} in all)" if idx.numel() > limit else "")
+
+
+def _scale_note(state: State, always: bool = False) -> str:
+    """A sentence on the data's magnitude when it is large enough to overflow (or ``always``).
+
+    Values above the fourth root of the dtype's largest number overflow once squared and
+    summed in a few places (losses, distances, covariances): the data should be rescaled.
+    """
+    parts = [s.detach() for s in state if s.numel()]
+    if not parts:
+        return ""
+    finite = [p[torch.isfinite(p)] for p in parts]
+    largest = max((float(p.abs().max()) for p in finite if p.numel()), default=0.0)
+    limit = torch.finfo(parts[0].dtype).max
+    if not always and largest <= limit**0.25:
+        return ""
+    return (
+        f"; the data's largest |value| is {largest:.3g}, and {parts[0].dtype} overflows above "
+        f"{limit:.3g} (squares above {limit**0.5:.3g}): rescale the data (e.g. to unit "
+        "variance)"
+    )
+
+
+_GRAPH_PAIR_WIDTH = 256  # values per node pair in sample's memory estimate (EDM's width)
+
+
+def _device_memory(device: torch.device) -> int | None:
+    """Total memory of ``device`` in bytes (CPU: physical memory), or ``None`` if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    if device.type == "cpu":
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no value
+            return None
+    return None
+
+
+def _check_graph_memory(
+    counts: Tensor, dtype: torch.dtype, device: Any, limit: float | None
+) -> None:
+    """Refuse node counts whose fully connected graphs cannot fit (see ``sample``)."""
+    n = counts.double()
+    pairs = int((n * (n - 1)).sum())
+    per_pair = 16 + _GRAPH_PAIR_WIDTH * torch.empty((), dtype=dtype).element_size()
+    need = pairs * per_pair
+    where = "max_graph_bytes"
+    if limit is None:
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        limit = _device_memory(dev)
+        if limit is None:
+            return
+        where = f"the total memory of {dev}"
+    if need <= limit:
+        return
+    raise ValueError(
+        f"sample: the fully connected graphs of num_nodes (largest {int(counts.max())} nodes, "
+        f"{len(counts)} sample(s), {pairs:,} node pairs) need an estimated {_gib(need)} "
+        f"({per_pair} bytes per pair: the edge list and one {_GRAPH_PAIR_WIDTH}-wide {dtype} "
+        f"vector), more than {where} ({_gib(limit)}); sample fewer or smaller point clouds "
+        "per call, or pass max_graph_bytes=<bytes> (math.inf: no check) to try anyway"
+    )
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB"
 
 
 class CanonicalizedDiffusion(nn.Module):
@@ -218,27 +311,33 @@ class CanonicalizedDiffusion(nn.Module):
         return space
 
     def _check_placement(self, ref: Tensor, what: str) -> None:
-        """Raise if ``ref`` (data or samples) and the parameters differ in device or dtype."""
+        """Raise if ``ref`` (data or samples) and the parameters differ in device or dtype.
+
+        The model's first parameters are compared, and the canonicalizer's as well (a
+        learned canonicalizer left in another dtype than the denoiser is named).
+        """
         if not isinstance(ref, Tensor):  # a custom space's layout: nothing to compare
             return
-        p = next(iter(self.parameters()), None)
-        if p is not None and p.device != ref.device:
+        owner, found = "model", parameter_mismatch(self, ref)
+        if found is None and isinstance(self.canonicalizer, nn.Module):
+            owner, found = "canonicalizer", parameter_mismatch(self.canonicalizer, ref)
+        if found is None:
+            return
+        kind, mine, theirs = found
+        if kind == "device":
             raise ValueError(
-                f"{what} is on {ref.device} but the model's parameters are on {p.device}; "
+                f"{what} is on {mine} but the {owner}'s parameters are on {theirs}; "
                 "move one of them (model.to(device) or data.to(device))"
             )
-        p = next((q for q in self.parameters() if q.is_floating_point()), None)
-        if p is None or p.dtype == ref.dtype:
-            return
         if what == "data":
             fix = (
-                f"convert one of them: the model with model.to({ref.dtype}), or the data's "
+                f"convert one of them: the model with model.to({mine}), or the data's "
                 f"floating-point tensors (of a point-cloud batch: pos and the node features) "
-                f"with .to({p.dtype})"
+                f"with .to({theirs})"
             )
         else:
-            fix = f"leave dtype unset to sample in the model's dtype, or call model.to({ref.dtype})"
-        raise ValueError(f"{what} is {ref.dtype} but the model's parameters are {p.dtype}; {fix}")
+            fix = f"leave dtype unset to sample in the model's dtype, or call model.to({mine})"
+        raise ValueError(f"{what} is {mine} but the {owner}'s parameters are {theirs}; {fix}")
 
     def _default_dtype(self) -> torch.dtype:
         p = next((q for q in self.parameters() if q.is_floating_point()), None)
@@ -272,6 +371,73 @@ class CanonicalizedDiffusion(nn.Module):
             raise TypeError(problem) from err
         return space.parse_output(out, z, template)
 
+    def _require_finite(
+        self,
+        who: str,
+        what: str,
+        value: Tensor,
+        space: Space,
+        data: Any,
+        template: Any,
+        *,
+        canonical: State | None = None,
+        eps_hat: State | None = None,
+        steps: Tensor | None = None,
+        prior: Tensor | None = None,
+    ) -> None:
+        """Raise ``FloatingPointError`` naming the culprit unless ``value`` is finite.
+
+        ``value`` is a loss or a per-sample term (``[B]`` or a scalar): the check is one
+        reduction over ``B`` numbers. Only when it fails are the tensors that produced it
+        scanned, in order: the canonicalizer's output (``canonical``, the state of the
+        canonical pose) and prior loss, the denoiser's output ``eps_hat`` (at integer
+        ``steps [B]``), and otherwise an overflow of the arithmetic is reported, with the
+        magnitude of the data.
+        """
+        if bool(torch.isfinite(value.detach()).all()):
+            return
+        names = _component_names(space, len(space.state(template)))
+        scale = _scale_note(space.state(data))
+        if canonical is not None:
+            found = [
+                (n, int((~torch.isfinite(c.detach())).sum())) for n, c in zip(names, canonical)
+            ]
+            found = [f"{k} in {n}" for n, k in found if k]
+            if found:
+                raise FloatingPointError(
+                    f"{who}: the canonicalizer ({type(self.canonicalizer).__name__}) returned "
+                    f"non-finite (NaN/Inf) canonical data from finite data ({', '.join(found)})"
+                    f"{scale}"
+                )
+        if prior is not None and not bool(torch.isfinite(prior.detach()).all()):
+            raise FloatingPointError(
+                f"{who}: the canonicalizer's ({type(self.canonicalizer).__name__}) prior loss "
+                f"is {prior.detach().flatten()[:5].tolist()}{scale}"
+            )
+        if eps_hat is not None:
+            bad = tuple((~torch.isfinite(e.detach())).to(torch.float64) for e in eps_hat)
+            if any(bool(b.any()) for b in bad):
+                where = [f"{int(b.sum())} in {n}" for n, b in zip(names, bad) if bool(b.any())]
+                per = space.sum_per_sample(bad, template) > 0
+                at = ""
+                if steps is not None:
+                    shown = steps.reshape(-1)[per.to(steps.device)][:5].tolist()
+                    at = f" at step(s) t = {shown} of T = {self.timesteps}"
+                raise FloatingPointError(
+                    f"{who}: the denoiser ({type(self.denoiser).__name__}) returned non-finite "
+                    f"(NaN/Inf) noise predictions ({', '.join(where)}) for sample(s) "
+                    f"{_first_indices(per)}{at}{scale}"
+                )
+        flat = value.detach().reshape(-1)
+        samples = (
+            f" for sample(s) {_first_indices(~torch.isfinite(flat))}" if flat.numel() > 1 else ""
+        )
+        raise FloatingPointError(
+            f"{who}: {what} is {flat[~torch.isfinite(flat)][:5].tolist()}{samples} although the "
+            f"data, the canonical pose and the denoiser's output are finite: the arithmetic "
+            f"overflowed{_scale_note(space.state(data), always=True)}"
+        )
+
     # ------------------------------------------------------------------ public API
     def canonicalize(self, data: Any) -> CanonOutput:
         """Canonical pose of ``data`` with the group element per sample."""
@@ -286,6 +452,15 @@ class CanonicalizedDiffusion(nn.Module):
             A batch (tensor ``[B, ...]`` or point-cloud ``Batch``).
         generator
             Optional generator for ``t`` and ``eps`` (on the data's device or CPU).
+
+        Raises
+        ------
+        FloatingPointError
+            When the loss is not finite (one check of a scalar per call). The message names
+            the culprit: the canonicalizer (non-finite canonical pose or prior loss), the
+            denoiser (NaN/Inf predictions, with the samples and steps ``t``), or an overflow
+            of the arithmetic, with the data's largest magnitude (e.g. positions of 1e20 in
+            float32).
         """
         space = self._checked_space(data, record=True)  # before the canonicalizer sees it
         canon = self.canonicalizer(data)
@@ -305,9 +480,25 @@ class CanonicalizedDiffusion(nn.Module):
         if canon.prior_loss is not None:
             loss = loss + canon.prior_loss
             terms["prior"] = canon.prior_loss.detach()
+        self._require_finite(
+            "training_loss",
+            "the loss",
+            loss,
+            space,
+            data,
+            template,
+            canonical=x,
+            eps_hat=eps_hat,
+            steps=steps,
+            prior=canon.prior_loss,
+        )
         return LossOutput(
-            loss=loss, denoising=denoising, per_sample=per_sample, t=steps,
-            prior=canon.prior_loss, terms=terms,
+            loss=loss,
+            denoising=denoising,
+            per_sample=per_sample,
+            t=steps,
+            prior=canon.prior_loss,
+            terms=terms,
         )
 
     def forward(self, data: Any, generator: torch.Generator | None = None) -> LossOutput:
@@ -341,8 +532,31 @@ class CanonicalizedDiffusion(nn.Module):
         For a canonicalized model the bound is on the density of canonical poses
         ``c(x)``, which lives on the quotient space: it is not the likelihood of an
         invariant model on ``x`` (that would add the log-volume of the orbit).
+
+        Parameters
+        ----------
+        data
+            A batch (tensor ``[B, ...]`` or point-cloud ``Batch``).
+        num_t_samples
+            Number of uniform draws of ``t`` per sample for the diffusion term.
+        exact
+            Sum the diffusion term over all ``T`` steps instead.
+        generator
+            Optional generator for ``t`` and the noise.
+
+        Raises
+        ------
+        ValueError
+            When the space has ``node_counts`` and a sample's size has probability zero
+            under it (the size term would be infinite); the samples and sizes are named.
+        FloatingPointError
+            When a term is not finite, naming the culprit as
+            [`training_loss`][canonwrap.diffusion.CanonicalizedDiffusion.training_loss] does.
         """
         space = self._checked_space(data)
+        counts = getattr(space, "node_counts", None)
+        if counts is not None and is_point_cloud(data):
+            counts.check_support(nodes_per_graph(data), "nll")
         with torch.no_grad():
             canon = self.canonicalizer(data)
             x = space.state(canon.canonical)
@@ -358,6 +572,11 @@ class CanonicalizedDiffusion(nn.Module):
             mu2 = space.sum_per_sample(tuple(v**2 for v in x), template) * a_T**2
             kl_prior = dims * (-torch.log(s_T)) + 0.5 * (dims * s_T**2 + mu2) - 0.5 * dims
 
+            def require(what: str, value: Tensor, **found: Any) -> None:
+                self._require_finite("nll", what, value, space, data, template, **found)
+
+            require("the prior term KL(q(z_T | x) || N(0, I))", kl_prior, canonical=x)
+
             def term(steps: Tensor) -> Tensor:
                 g_t = self._gamma(steps, dtype)
                 g_s = self._gamma(steps - 1, dtype)
@@ -367,7 +586,9 @@ class CanonicalizedDiffusion(nn.Module):
                 sq = space.sum_per_sample(
                     tuple((e - h) ** 2 for e, h in zip(eps, eps_hat)), template
                 )
-                return 0.5 * torch.expm1(g_t - g_s) * sq
+                value = 0.5 * torch.expm1(g_t - g_s) * sq
+                require("the diffusion term", value, eps_hat=eps_hat, steps=steps)
+                return value
 
             if exact:
                 diffusion = torch.zeros(b, dtype=dtype, device=device)
@@ -389,10 +610,17 @@ class CanonicalizedDiffusion(nn.Module):
             z0 = self._noisy(space, x, eps, steps_0, template)
             eps_hat = self._predict(space, z0, template, steps_0)
             recon = space.reconstruction_nll(x, eps, eps_hat, g_0, template)
+            require(
+                "the reconstruction term -log p(x | z_0)", recon, eps_hat=eps_hat, steps=steps_0
+            )
             size = space.size_nll(template).to(device=device, dtype=dtype)
         return NLLOutput(
-            nll=kl_prior + diffusion + recon + size, kl_prior=kl_prior, diffusion=diffusion,
-            reconstruction=recon, size=size, dims=dims,
+            nll=kl_prior + diffusion + recon + size,
+            kl_prior=kl_prior,
+            diffusion=diffusion,
+            reconstruction=recon,
+            size=size,
+            dims=dims,
         )
 
     @torch.no_grad()
@@ -408,6 +636,7 @@ class CanonicalizedDiffusion(nn.Module):
         progress: bool = False,
         dtype: torch.dtype | None = None,
         device: Any = None,
+        max_graph_bytes: float | None = None,
     ) -> Any:
         """Draw samples by running the reverse process of the denoiser alone.
 
@@ -441,12 +670,32 @@ class CanonicalizedDiffusion(nn.Module):
             (float32 for a model without parameters).
         device
             Default the device of the model's parameters (CPU without parameters).
+        max_graph_bytes
+            Point clouds: the largest memory estimate of the fully connected graphs of one
+            call that is allowed, in bytes. The estimate is ``E * (16 + 256 * s)`` bytes for
+            ``E = sum_b n_b (n_b - 1)`` node pairs and ``s`` bytes per value of ``dtype``:
+            the edge list and one 256-wide vector per pair, the width of the messages of
+            EDM's networks (the provided GNN, EGNN and transformer denoisers hold several such
+            tensors at once, so this is a lower bound for them at that width). Default
+            ``None``: the device's total memory (CPU: physical memory; no check where it
+            cannot be read). Pass a larger number, or ``math.inf``, to sample anyway, e.g.
+            with a denoiser that builds no graph.
 
         Returns
         -------
         Tensor or Batch
             Samples in the data layout: a tensor ``[B, ...]`` or a point-cloud ``Batch``
             with ``pos`` and continuous features ``x``.
+
+        Raises
+        ------
+        ValueError
+            When the memory estimate of the graphs exceeds ``max_graph_bytes`` (the message
+            shows the estimate).
+        FloatingPointError
+            When the denoiser returned NaN/Inf at some step (the first such step is named;
+            it is tracked on the device, without a synchronisation per step), or the samples
+            are not finite although every prediction was.
         """
         if device is None:
             p = next(iter(self.parameters()), None)
@@ -454,7 +703,7 @@ class CanonicalizedDiffusion(nn.Module):
         dtype = dtype if dtype is not None else self._default_dtype()
         sampler = sampler if sampler is not None else AncestralSampler()
         space, template = self._sampling_template(
-            num_samples, shape, num_nodes, generator, dtype, device
+            num_samples, shape, num_nodes, generator, dtype, device, max_graph_bytes
         )
         b = space.num_samples(template)
         x_like = space.state(template)
@@ -468,15 +717,16 @@ class CanonicalizedDiffusion(nn.Module):
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(steps), desc="sampling", unit="step")
+        # first step at which the denoiser returned NaN/Inf, tracked on the device (no sync)
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)
         for t_int, s_int in iterator:
             t_vec = torch.full((b,), t_int, dtype=torch.long, device=device)
             s_vec = torch.full((b,), s_int, dtype=torch.long, device=device)
             eps_hat = self._predict(space, z, template, t_vec)
+            first_bad = torch.where((first_bad < 0) & ~_all_finite(eps_hat), int(t_int), first_bad)
             g_t = space.expand(self._gamma(t_vec, dtype), z, template)
             g_s = space.expand(self._gamma(s_vec, dtype), z, template)
-            noise = (
-                space.noise(z, template, generator) if sampler.stochastic else (None,) * len(z)
-            )
+            noise = space.noise(z, template, generator) if sampler.stochastic else (None,) * len(z)
             z = tuple(
                 sampler.step_with_history(zi, ei, gt, gs, ni, hi)
                 for zi, ei, gt, gs, ni, hi in zip(z, eps_hat, g_t, g_s, noise, histories)
@@ -487,6 +737,7 @@ class CanonicalizedDiffusion(nn.Module):
         # final step: x ~ p(x | z_0)
         steps_0 = torch.zeros(b, dtype=torch.long, device=device)
         eps_hat = self._predict(space, z, template, steps_0)
+        first_bad = torch.where((first_bad < 0) & ~_all_finite(eps_hat), 0, first_bad)
         a0, s0 = self._alpha_sigma(space, steps_0, z, template)
         x = tuple((zi - si * ei) / ai for zi, ei, ai, si in zip(z, eps_hat, a0, s0))
         if sampler.final_noise:
@@ -496,6 +747,18 @@ class CanonicalizedDiffusion(nn.Module):
         if bar is not None:
             bar.update(1)
             bar.close()
+        if int(first_bad) >= 0:
+            raise FloatingPointError(
+                f"sample: the denoiser ({type(self.denoiser).__name__}) returned non-finite "
+                f"(NaN/Inf) noise predictions, first at step t = {int(first_bad)} of "
+                f"T = {self.timesteps}"
+            )
+        if not bool(_all_finite(x)):
+            raise FloatingPointError(
+                f"sample: the samples contain NaN/Inf although the denoiser's predictions were "
+                f"finite at every step: the update of {sampler!r} overflowed {dtype} (the "
+                "noise predictions are too large for this schedule)"
+            )
         out = space.to_data(x, template)
         if randomize_pose:
             group = self.canonicalizer.group
@@ -504,7 +767,9 @@ class CanonicalizedDiffusion(nn.Module):
                 out = group.act(g, out)
         return out
 
-    def _sampling_template(self, num_samples, shape, num_nodes, generator, dtype, device):
+    def _sampling_template(
+        self, num_samples, shape, num_nodes, generator, dtype, device, max_graph_bytes=None
+    ):
         """The space to sample in and an all-zero batch of the requested sizes."""
         space = self.space
         if space is None and self.point_features is not None:
@@ -516,6 +781,7 @@ class CanonicalizedDiffusion(nn.Module):
                 device=device,
                 num_features=self.point_features,
             )
+            _check_graph_memory(nodes_per_graph(template), dtype, device, max_graph_bytes)
             self._check_placement(template.pos, f"sample(dtype={dtype})")
             return space, template
         if num_nodes is not None:

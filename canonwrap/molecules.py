@@ -84,6 +84,43 @@ class NodeCountDistribution:
         out[ok] = self._log_table[cpu[ok]]
         return out.to(n.device)
 
+    def check_support(self, n: Tensor, who: str = "NodeCountDistribution") -> None:
+        """Raise ``ValueError`` naming the samples whose node count has probability zero.
+
+        Parameters
+        ----------
+        n : Tensor
+            Node count of each sample, ``[B]``.
+        who : str
+            Named at the start of the message (the caller, e.g. ``"nll"``).
+        """
+        counts = torch.as_tensor(n, dtype=torch.long).cpu().reshape(-1)
+        bad = torch.isinf(self.log_prob(counts))
+        if not bool(bad.any()):
+            return
+        idx = bad.nonzero().flatten()
+        shown = ", ".join(f"sample {int(i)}: {int(counts[i])} nodes" for i in idx[:5])
+        more = f" and {idx.numel() - 5} more" if idx.numel() > 5 else ""
+        support = _ranges(self.sizes[self.probs > 0].tolist())
+        raise ValueError(
+            f"{who}: {idx.numel()} sample(s) have a size outside the node-count histogram "
+            f"({shown}{more}); the histogram gives sizes {support} a positive probability, so "
+            "-log p(N) of these would be infinite. Evaluate sizes the histogram covers, or "
+            "build the space's node_counts from a histogram that includes them"
+        )
+
+
+def _ranges(values: list[int]) -> str:
+    """``1-3, 5, 7-9`` for sorted integers."""
+    parts, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(parts)
+
 
 def _log_gaussian_bin(centre: Tensor, sigma: Tensor) -> Tensor:
     """``log P(|c + sigma Z| < 0.5)``-type bin mass: ``log(Phi((c+.5)/s) - Phi((c-.5)/s))``."""

@@ -33,6 +33,7 @@ __all__ = [
     "check_tensor",
     "check_point_cloud",
     "collate_hint",
+    "parameter_mismatch",
 ]
 
 
@@ -130,6 +131,34 @@ def check_tensor(name: str, value: Any, finite: bool = True) -> Tensor:
         n_bad = int((~torch.isfinite(value)).sum())
         raise ValueError(f"{name} contains {n_bad} non-finite (NaN/Inf) value(s)")
     return value
+
+
+def parameter_mismatch(module: Any, ref: Tensor) -> tuple[str, Any, Any] | None:
+    """How ``ref`` differs in placement from the parameters of ``module``, or ``None``.
+
+    Compares the device of ``ref`` with that of the first parameter, then its dtype with
+    that of the first floating-point parameter; reads only metadata, no values.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The network whose parameters ``ref`` is meant for (no parameters: never a mismatch).
+    ref : Tensor
+        An input of the network (data, positions, samples).
+
+    Returns
+    -------
+    tuple or None
+        ``("device", ref.device, parameter device)`` or ``("dtype", ref.dtype, parameter
+        dtype)`` for the first difference found; ``None`` when both agree.
+    """
+    p = next(iter(module.parameters()), None)
+    if p is not None and p.device != ref.device:
+        return "device", ref.device, p.device
+    p = next((q for q in module.parameters() if q.is_floating_point()), None)
+    if p is not None and p.dtype != ref.dtype:
+        return "dtype", ref.dtype, p.dtype
+    return None
 
 
 def collate_hint(data: Any) -> str:

@@ -362,9 +362,9 @@ class EGNNDenoiser(nn.Module):
 
     def forward(self, z_t: Any, t: Tensor | float) -> Tensor:
         """Predicted noise ``[N, 3 + F]`` for noisy molecules ``z_t`` at times ``t [B]``."""
-        pos, feats, batch, b = _read_batch(z_t, self.num_features, "EGNNDenoiser")
+        pos, feats, batch, b = _read_batch(self, z_t, self.num_features)
         edge_index = fully_connected_edges(batch)
-        h = torch.cat([feats, node_times(t, batch, b, pos.dtype)], dim=-1)
+        h = torch.cat([feats, node_times(t, batch, b, pos.dtype, "EGNNDenoiser")], dim=-1)
         h_out, x = self.egnn(h, pos, edge_index)
         eps_pos = remove_mean(x[:, :, 0] - pos, batch, b)
         return torch.cat([eps_pos, h_out], dim=-1)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from canonwrap.nn._inputs import check_input_placement
 from canonwrap.nn.graph import Aggregation, aggregate, fully_connected_edges, node_times
 from canonwrap.pointclouds import graph_index, num_samples, remove_mean
 
@@ -206,9 +207,9 @@ class GNNDenoiser(nn.Module):
 
     def forward(self, z_t: Any, t: Tensor | float) -> Tensor:
         """Predicted noise ``[N, 3 + F]`` for noisy molecules ``z_t`` at times ``t [B]``."""
-        pos, feats, batch, b = _read_batch(z_t, self.num_features, "GNNDenoiser")
+        pos, feats, batch, b = _read_batch(self, z_t, self.num_features)
         edge_index = fully_connected_edges(batch)
-        time = node_times(t, batch, b, pos.dtype)
+        time = node_times(t, batch, b, pos.dtype, "GNNDenoiser")
         edge_attr = None
         if self.distance_features:
             row, col = edge_index
@@ -218,12 +219,22 @@ class GNNDenoiser(nn.Module):
         return torch.cat([eps_pos, out[:, 3:]], dim=-1)
 
 
-def _read_batch(data: Any, num_features: int, who: str) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Validated ``pos [N, 3]``, features ``[N, F]``, ``batch [N]`` and ``B`` of a batch."""
+def _read_batch(
+    network: nn.Module, data: Any, num_features: int
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Validated ``pos [N, 3]``, features ``[N, F]``, ``batch [N]`` and ``B`` of a batch.
+
+    ``pos`` must have the device and dtype of ``network``'s parameters; messages start with
+    the network's class name.
+    """
+    who = type(network).__name__
     pos = getattr(data, "pos", None)
-    if pos is None or pos.dim() != 2 or pos.shape[1] != 3:
-        shape = None if pos is None else tuple(pos.shape)
+    if not isinstance(pos, Tensor) or pos.dim() != 2 or pos.shape[1] != 3:
+        shape = tuple(pos.shape) if isinstance(pos, Tensor) else pos
         raise ValueError(f"{who}: expects a Data/Batch with pos [N, 3]; got {shape}")
+    if not pos.is_floating_point():
+        raise TypeError(f"{who}: pos must be a floating-point tensor; got {pos.dtype}")
+    check_input_placement(network, pos, "z_t.pos", who)
     feats = getattr(data, "x", None)
     if num_features == 0 and feats is None:
         feats = pos.new_zeros(pos.shape[0], 0)

@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from canonwrap.nn._inputs import checked_times
+
 __all__ = ["fully_connected_edges", "aggregate", "node_times"]
 
 Aggregation = Literal["sum", "mean"]
@@ -92,11 +94,13 @@ def aggregate(
     raise ValueError(f"aggregation must be 'sum' or 'mean'; got {aggregation!r}")
 
 
-def node_times(t: Tensor | float, batch: Tensor, b: int, dtype: torch.dtype) -> Tensor:
-    """Broadcast per-graph times ``t [B]`` (or one scalar) to nodes: returns ``[N, 1]``."""
-    t = torch.as_tensor(t, dtype=dtype, device=batch.device).reshape(-1)
-    if t.numel() == 1:
-        t = t.expand(b)
-    if t.numel() != b:
-        raise ValueError(f"t must be a scalar or have one value per graph [B={b}]; got {t.numel()}")
+def node_times(
+    t: Tensor | float, batch: Tensor, b: int, dtype: torch.dtype, who: str = "node_times"
+) -> Tensor:
+    """Broadcast per-graph times ``t [B]`` (or one scalar) to nodes: returns ``[N, 1]``.
+
+    ``t`` must be normalized times in ``[0, 1]`` (floating point, finite); see
+    ``checked_times`` in ``canonwrap.nn._inputs`` for the messages, which start with ``who``.
+    """
+    t = checked_times(t, b, who, dtype=dtype, device=batch.device)
     return t[batch].unsqueeze(-1)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import to_dense_batch
 
+from canonwrap.nn._inputs import checked_times
 from canonwrap.nn.gnn import _read_batch
 from canonwrap.pointclouds import remove_mean
 
@@ -212,16 +213,8 @@ class TransformerDenoiser(nn.Module):
 
     def forward(self, z_t: Any, t: Tensor | float) -> Tensor:
         """Predicted noise ``[N, 3 + F]`` for noisy samples ``z_t`` at times ``t [B]``."""
-        pos, feats, batch, b = _read_batch(z_t, self.num_features, "TransformerDenoiser")
-        t = torch.as_tensor(t, dtype=pos.dtype, device=pos.device)
-        if t.dim() == 0:
-            t = t.expand(b)
-        if t.shape != (b,):
-            raise ValueError(
-                f"TransformerDenoiser: t must be a scalar or [B={b}]; got {tuple(t.shape)}"
-            )
-        if not torch.isfinite(t).all():
-            raise ValueError("TransformerDenoiser: t contains NaN or Inf")
+        pos, feats, batch, b = _read_batch(self, z_t, self.num_features)
+        t = checked_times(t, b, "TransformerDenoiser", dtype=pos.dtype, device=pos.device)
         if batch.numel() > 1 and bool((batch[1:] < batch[:-1]).any()):
             raise ValueError(
                 "TransformerDenoiser: the batch vector must be sorted (as in every "

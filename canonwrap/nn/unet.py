@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from canonwrap.nn._inputs import check_input_placement, checked_times
+
 __all__ = ["UNet", "sinusoidal_embedding"]
 
 
@@ -193,14 +195,12 @@ class UNet(nn.Module):
         Tensor
             ``[B, out_channels, H, W]``.
         """
-        if x.dim() != 4:
-            raise ValueError(f"x must be [B, C, H, W]; got {tuple(x.shape)}")
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"UNet: x must be a tensor [B, C, H, W]; got {shape}")
+        check_input_placement(self, x, "x", "UNet")
         b, _, height, width = x.shape
-        t = torch.as_tensor(t, device=x.device).reshape(-1).to(x.dtype)
-        if t.numel() == 1:
-            t = t.expand(b)
-        if t.shape != (b,):
-            raise ValueError(f"t must have one value per sample ({b}); got {t.numel()}")
+        t = checked_times(t, b, "UNet", dtype=x.dtype, device=x.device)
         emb = self.time_mlp(sinusoidal_embedding(t, self.base_width).to(x.dtype))
 
         ph, pw = -height % self.factor, -width % self.factor
