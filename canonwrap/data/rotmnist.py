@@ -27,6 +27,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -81,11 +82,32 @@ def _find(root: Path, name: str) -> Path | None:
 
 
 def _read_bytes(path: Path) -> bytes:
+    """The bytes of ``path``, decompressed when it starts with the gzip magic number."""
     with open(path, "rb") as fh:
         head = fh.read(2)
-    opener = gzip.open if head == b"\x1f\x8b" else open
-    with opener(path, "rb") as fh:
-        return fh.read()
+        if head != b"\x1f\x8b":
+            return head + fh.read()
+    try:
+        with gzip.open(path, "rb") as fh:
+            return fh.read()
+    except (EOFError, OSError, zlib.error) as err:  # truncated, bad CRC, corrupt stream
+        raise ValueError(
+            f"{path}: cannot decompress this gzip file, truncated or corrupt "
+            f"({type(err).__name__}: {err}); download it again"
+        ) from err
+
+
+def _check_labels(labels: Tensor, where: object) -> Tensor:
+    """``labels`` if every one is a digit ``0..9``; else ``ValueError`` naming ``where``."""
+    bad = (labels < 0) | (labels > 9)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{where}: {int(bad.sum())} label(s) outside the digits 0..9 (first: "
+            f"{labels[i].item()}, label {i} counting from 0); the file is corrupt or not an "
+            "MNIST label file"
+        )
+    return labels
 
 
 def read_idx(path: str | Path) -> Tensor:
@@ -101,6 +123,10 @@ def read_idx(path: str | Path) -> Tensor:
         raise ValueError(f"{path}: only unsigned-byte IDX files are supported (type {data[2]:#x})")
     ndim = data[3]
     header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(
+            f"{path}: truncated ({len(data)} bytes, shorter than the {header}-byte header)"
+        )
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     count = math.prod(shape)
     if len(data) < header + count:
@@ -120,26 +146,37 @@ def read_amat(path: str | Path, *, transpose: bool = True) -> tuple[Tensor, Tens
     differ by a reflection only: orientation statistics and labels are unaffected.
 
     Raises ``ValueError`` naming the file when it is empty, has rows of the wrong or
-    unequal length (e.g. truncated) or entries that are not numbers.
+    unequal length (e.g. truncated), entries that are not numbers, NaN or infinite grey
+    levels, or labels that are not the digits ``0..9``.
     """
     try:
         table = np.loadtxt(path, dtype=np.float32, ndmin=2)
-    except ValueError as err:  # rows of unequal length (truncated file) or non-numbers
+    except ValueError as err:  # rows of unequal length (truncated file), non-numbers, binary
         raise ValueError(f"{path}: not a valid .amat file (truncated or corrupt?): {err}") from err
     if table.shape[0] == 0:
         raise ValueError(f"{path}: the .amat file holds no rows")
     if table.shape[1] != 28 * 28 + 1:
         raise ValueError(f"{path}: expected rows of 785 numbers, got {table.shape[1]}")
-    images = torch.from_numpy(table[:, :-1].copy()).reshape(-1, 1, 28, 28)
+    pixels, raw = table[:, :-1], table[:, -1]
+    finite = np.isfinite(pixels).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise ValueError(
+            f"{path}: {int((~finite).sum())} row(s) hold NaN or infinite grey levels (first: "
+            f"row {row + 1}); the file is corrupt"
+        )
+    whole = np.isfinite(raw) & (raw == np.rint(raw))
+    if not whole.all():
+        row = int(np.flatnonzero(~whole)[0])
+        raise ValueError(f"{path}: the label of row {row + 1} is {raw[row]}, not a digit 0..9")
+    images = torch.from_numpy(pixels.copy()).reshape(-1, 1, 28, 28)
     if transpose:
         images = images.transpose(-2, -1).contiguous()
-    labels = torch.from_numpy(np.rint(table[:, -1]).astype(np.int64))
+    labels = _check_labels(torch.from_numpy(raw.astype(np.int64)), path)
     return images, labels
 
 
-def rotate_digits(
-    images: Tensor, seed: int, *, chunk: int = 4096
-) -> tuple[Tensor, Tensor]:
+def rotate_digits(images: Tensor, seed: int, *, chunk: int = 4096) -> tuple[Tensor, Tensor]:
     """Rotate each of ``images [N, C, H, W]`` by an angle drawn uniformly from ``[0, 2 pi)``.
 
     The angles ``[N]`` (float64, radians, counter-clockwise as displayed) come from
@@ -311,7 +348,12 @@ class RotatedMNIST(Dataset):
         def load(key):
             images, labels = (read_idx(p) for p in parts[key])
             if images.shape[0] != labels.shape[0] or tuple(images.shape[1:]) != (28, 28):
-                raise ValueError(f"inconsistent IDX files {parts[key]}")
+                raise ValueError(
+                    f"inconsistent IDX files {parts[key][0]} (shape {tuple(images.shape)}) and "
+                    f"{parts[key][1]} (shape {tuple(labels.shape)}): expected [N, 28, 28] "
+                    "images and [N] labels"
+                )
+            _check_labels(labels, parts[key][1])
             self.files.extend(parts[key])
             return images, labels
 
@@ -333,7 +375,9 @@ class RotatedMNIST(Dataset):
             return f"torchvision found no MNIST test set under {root}"
 
         def load(key):
-            return sets[key].data.to(torch.uint8), sets[key].targets.to(torch.long)
+            labels = sets[key].targets.to(torch.long)
+            _check_labels(labels, f"torchvision MNIST under {root} (train={key == 'train'})")
+            return sets[key].data.to(torch.uint8), labels
 
         return self._assemble(load, "train" in sets, split, rotate, test_size, split_seed)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import re
 import sys
 import types
 from pathlib import Path
@@ -210,3 +211,104 @@ def test_real_mnist_test_digits():
     counts = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     assert torch.bincount(ds.labels, minlength=10).tolist() == counts
     assert ds.images.min() >= 0 and ds.images.max() <= 1
+
+
+# ------------------------------------------------------------------ corrupt files name themselves
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad-crc", "garbage-stream", "header-only"])
+def test_corrupt_gzip_idx_files_are_named(tmp_path, damage):
+    make_idx(tmp_path, 6)
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    data = path.read_bytes()
+    if damage == "truncated":  # gzip raises EOFError
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "bad-crc":  # the 8-byte trailer holds CRC32 and size: BadGzipFile
+        path.write_bytes(data[:-8] + bytes(8))
+    elif damage == "garbage-stream":  # zlib.error inside the deflate stream
+        path.write_bytes(data[:10] + bytes(range(256)) * 4)
+    else:
+        path.write_bytes(data[:10])
+    with pytest.raises(
+        ValueError,
+        match=r"t10k-images-idx3-ubyte\.gz: cannot decompress this gzip file, truncated or corrupt",
+    ):
+        read_idx(path)
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte\.gz: cannot decompress"):
+        RotatedMNIST(tmp_path, split="all", source="idx")
+
+
+def test_idx_with_a_truncated_header_is_named(tmp_path):
+    path = tmp_path / "t10k-images-idx3-ubyte"
+    path.write_bytes(bytes([0, 0, 0x08, 3]) + (2).to_bytes(4, "big"))
+    with pytest.raises(
+        ValueError,
+        match=r"t10k-images-idx3-ubyte: truncated \(8 bytes, shorter "
+        r"than the 16-byte header\)",
+    ):
+        read_idx(path)
+
+
+def test_idx_labels_outside_the_digits_are_refused(tmp_path):
+    make_idx(tmp_path, 6, compress=False)
+    images, labels = digits(6)
+    labels[4] = 200
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels, compress=False)
+    with pytest.raises(
+        ValueError,
+        match=r"t10k-labels-idx1-ubyte: 1 label\(s\) outside the digits 0\.\.9 \(first: 200, "
+        r"label 4 counting from 0\)",
+    ):
+        RotatedMNIST(tmp_path, split="all", source="idx", rotate=False)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ("label-200", r"1 label\(s\) outside the digits 0\.\.9 \(first: 200, label 2"),
+        ("label--1", r"1 label\(s\) outside the digits 0\.\.9 \(first: -1, label 2"),
+        ("label-3.5", r"the label of row 3 is 3\.5, not a digit 0\.\.9"),
+        ("label-nan", r"the label of row 3 is nan, not a digit 0\.\.9"),
+        ("pixel-nan", r"1 row\(s\) hold NaN or infinite grey levels \(first: row 3\)"),
+        ("pixel-inf", r"1 row\(s\) hold NaN or infinite grey levels \(first: row 3\)"),
+    ],
+)
+def test_amat_labels_and_pixels_are_checked(tmp_path, change, match):
+    images, labels = digits(4)
+    path = tmp_path / AMAT_FILES["test"]
+    write_amat(path, images, labels, transposed=True)
+    rows = path.read_text().splitlines()
+    values = rows[2].split()
+    kind, value = change.split("-", 1)
+    if kind == "label":
+        values[-1] = value
+    else:
+        values[300] = value
+    rows[2] = " ".join(values)
+    path.write_text("\n".join(rows) + "\n")
+    name = r"mnist_all_rotation_normalized_float_test\.amat: "
+    with pytest.raises(ValueError, match=name + match):
+        RotatedMNIST(tmp_path, split="test", source="amat")
+    write_amat(path, images, labels, transposed=True)  # control: the intact file loads
+    assert len(read_amat(path)[1]) == 4
+
+
+def test_torchvision_labels_outside_the_digits_name_the_root(tmp_path, monkeypatch):
+    images, labels = digits(5)
+
+    class FakeMNIST:
+        def __init__(self, root, train, download):
+            if train:
+                raise RuntimeError("Dataset not found")
+            self.data = torch.from_numpy(images)
+            self.targets = torch.tensor([1, 2, 10, 3, 4])
+
+    datasets = types.ModuleType("torchvision.datasets")
+    datasets.MNIST = FakeMNIST
+    monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", datasets)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"torchvision MNIST under {tmp_path} (train=False): 1 label(s) outside"),
+    ):
+        RotatedMNIST(tmp_path, split="all", source="torchvision", rotate=False)
