@@ -173,10 +173,13 @@ class EGNNCanonicalizer(Canonicalizer):
     equivariant only up to the molecule's symmetries. Gradients stay finite: they reach
     the positions through the chosen atoms and, in case 2, the parameters through ``e1``.
     A nearly symmetric molecule whose vectors clear the thresholds takes case 1: its frame
-    is set by the small asymmetry and is equivariant up to about
-    ``epsilon * sum |terms| / min(|u1|, |w|)``, which the ``d_k`` bound by 1e-3. A generic
-    molecule whose vectors happen to fall below a threshold takes case 2 or 3, which is
-    still invariant.
+    is set by the small asymmetry, and the rounding error of the vectors relative to
+    ``min(|u1|, |w|)`` is what remains. On the 13,083 molecules of QM9's test split (a
+    freshly initialised 3-layer network, one exact random rotation each) the canonical
+    pose then moves, as a point set, by at most 2.7e-8 Angstrom in float64 and 1.6e-2 in
+    float32 (4 molecules beyond 1e-3), against 4.6 Angstrom (48 molecules beyond 0.1) for
+    the vectors-only frame. A generic molecule whose vectors happen to fall below a
+    threshold takes case 2 or 3, which is still invariant.
 
     Parameters
     ----------
