@@ -142,9 +142,14 @@ class RunLock:
             os.fsync(fd)
             self._fd = fd
             if previous:
+                pid, host = previous.get("pid"), previous.get("host")
+                here = host == socket.gethostname() and isinstance(pid, int)
+                state = (
+                    "is no longer running" if here and not _pid_alive(pid) else "holds it no more"
+                )
                 warnings.warn(
                     f"taking over the stale lock {self.path} of {_describe_holder(previous)}, "
-                    "which is no longer running (a run that ended without releasing it)",
+                    f"which {state} (a run that ended without releasing it)",
                     stacklevel=2,
                 )
             return self

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -102,6 +103,10 @@ def test_a_stale_lock_file_of_a_dead_process_is_taken_over(tmp_path):
     dead.wait()
     (tmp_path / "run.lock").write_text(json.dumps({"pid": dead.pid, "host": "h", "started": 0}))
     with pytest.warns(UserWarning, match=f"taking over the stale lock .*process {dead.pid} on h"):
+        RunLock(tmp_path).acquire().release()
+    host = socket.gethostname()
+    (tmp_path / "run.lock").write_text(json.dumps({"pid": dead.pid, "host": host}))
+    with pytest.warns(UserWarning, match=f"process {dead.pid} on {host}, which is no longer"):
         RunLock(tmp_path).acquire().release()
 
 
