@@ -132,8 +132,8 @@ class EGNNCanonicalizer(Canonicalizer):
     vanish or come out parallel exactly on symmetric molecules, where no equivariant frame
     exists. Which case applies is decided per molecule from rotation-invariant quantities:
     with ``d_k = 1000 * epsilon * sum_i sum_c |s_i[c, k]| |X_i^c - mean_j X_j^c|`` (``epsilon``
-    the machine epsilon of the dtype; ``d_k`` bounds the rounding error of the cancelling
-    sum ``u_k``, about 2e-13 of its terms in float64 and 1e-4 in float32),
+    the machine epsilon of the dtype; a floor above the rounding error of the cancelling
+    sum ``u_k``: 2.2e-13 of its terms in float64, 1.2e-4 in float32),
 
     1. ``|u1| > max(eps, d_1)`` and the part ``w`` of ``u2`` orthogonal to ``u1`` has
        ``|w| > max(eps, parallel_tol |u2|, d_2)``: ``R`` is Gram-Schmidt of ``(u1, u2)`` (see
@@ -160,7 +160,9 @@ class EGNNCanonicalizer(Canonicalizer):
     ``t = max(1e-9, 1000 epsilon)`` (1e-9 in float64, 1.2e-4 in float32), ``e2`` follows a
     fixed lab-frame rule (the standard basis vector least aligned with ``e1``, made
     orthogonal to it); the pose, all on the first axis, does not depend on it. The same
-    floor applies to the atom vectors of cases 2 and 3.
+    floor applies to the atom vectors of cases 2 and 3. Planar molecules take case 1 only
+    when their plane is their only symmetry; a planar ``C_2v`` molecule (water,
+    formaldehyde) takes case 2 and a planar ``D_nh`` one (benzene, ethylene) case 3.
 
     The score of a candidate frame is ``sum_i w_i exp(-|p_i / rho - r|^2)`` over its pose
     ``p = R^T x``, with ``rho`` the root-mean-square radius, ``r`` a fixed generic point
@@ -178,8 +180,11 @@ class EGNNCanonicalizer(Canonicalizer):
     freshly initialised 3-layer network, one exact random rotation each) the canonical
     pose then moves, as a point set, by at most 2.7e-8 Angstrom in float64 and 1.6e-2 in
     float32 (4 molecules beyond 1e-3), against 4.6 Angstrom (48 molecules beyond 0.1) for
-    the vectors-only frame. A generic molecule whose vectors happen to fall below a
-    threshold takes case 2 or 3, which is still invariant.
+    the vectors-only frame; at the published size, on the split's first 2,000 molecules in
+    float64, 3.4e-8 against 3.8 (24 molecules beyond 0.1). A generic molecule whose
+    vectors happen to fall below a threshold takes case 2 or 3, which is still invariant
+    (a fresh network at the published size does so for 2 % of QM9 in float32, half of
+    them by ``parallel_tol`` alone).
 
     Parameters
     ----------
