@@ -286,6 +286,18 @@ def test_sample_refuses_graphs_beyond_the_device_memory():
         point_model().sample(num_nodes=[100_000])
 
 
+def test_the_probe_num_nodes_10000_is_refused_where_it_cannot_fit():
+    """The probe: sample(num_nodes=[10000]) was killed by the out-of-memory killer at 24 GB."""
+    from canonwrap.diffusion import _device_memory
+
+    estimate = 10_000 * 9_999 * 1040  # 96.8 GiB
+    memory = _device_memory(torch.device("cpu"))
+    if memory is None or memory >= estimate:
+        pytest.skip(f"this machine has {memory} bytes: the estimate of 96.8 GiB would fit")
+    with pytest.raises(ValueError, match=r"need an estimated 96\.8 GiB"):
+        point_model().sample(num_nodes=[10_000])
+
+
 def test_sample_memory_limit_is_an_argument():
     pairs = 20 * 19 + 30 * 29  # 1250 node pairs
     model = point_model(torch.float64)  # 16 + 256 * 8 bytes per pair
