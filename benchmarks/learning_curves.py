@@ -116,6 +116,11 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 cmd += ["--max-minutes", str(args.max_minutes)]
             if (run_dir / "train_result.json").exists():
                 cmd = None  # finished earlier: reuse (delete the folder to rerun)
+            elif run_dir.exists():
+                # an unfinished run (interrupted): start it again from scratch, so that
+                # its seconds are one uninterrupted clock; qm9.py refuses an occupied
+                # folder without --overwrite
+                cmd.append("--overwrite")
             jobs.append((spec, label, seed, run_dir, cmd))
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     running: list[tuple[Any, subprocess.Popen]] = []

@@ -99,6 +99,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "plain_equal": all(torch.equal(unsynced, p) for p in _gather(unsynced)),
         }
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        # both ranks leave together: a rank that tears gloo down while its peer still
+        # has the pair open aborted the peer ("terminate called without an active
+        # exception") in about one run in four
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -120,7 +124,7 @@ def test_ddp_training_keeps_ranks_in_sync(tmp_path):
     # only rank 0 writes checkpoints: one final file for the run, with unwrapped weights
     files = list((tmp_path / "ckpt").glob("ckpt_*.pt"))
     assert len(files) == 1
-    ckpt = torch.load(files[0], map_location="cpu", weights_only=False)
+    ckpt = torch.load(files[0], map_location="cpu", weights_only=True)
     assert ckpt["step"] == STEPS
     assert not any(k.startswith("module.") for k in ckpt["model"])
 

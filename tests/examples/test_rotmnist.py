@@ -105,7 +105,7 @@ def test_rotmnist_smoke(tmp_path):
         canon_downsample=cfg["canon_downsample"],
         schedule=CosineSchedule(cfg["timesteps"]),
     )
-    ckpt = torch.load(find_latest_checkpoint(out / "canon-c8" / "checkpoints"), weights_only=False)
+    ckpt = torch.load(find_latest_checkpoint(out / "canon-c8" / "checkpoints"), weights_only=True)
     model.load_state_dict(ckpt["model"])  # the quick preset evaluates the raw weights
     model.eval()
     test = RotatedMNIST(data, split="test", symmetric=True, test_size=32)
