@@ -86,6 +86,10 @@ class LoadRecorder:
         self._thread.join()
 
 
+def _stdout_path(run_dir: Path) -> Path:
+    return run_dir.parent / f"{run_dir.name}.stdout.txt"
+
+
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,8 +135,10 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         while pending or running:
             while pending and len(running) < args.jobs:
                 job = pending.pop(0)
-                job[3].mkdir(parents=True, exist_ok=True)
-                log = open(job[3] / "stdout.txt", "w")
+                # the console output sits beside the run folder: qm9.py claims the
+                # folder itself and refuses one that holds files it did not write
+                job[3].parent.mkdir(parents=True, exist_ok=True)
+                log = open(_stdout_path(job[3]), "w")
                 proc = subprocess.Popen(job[4], stdout=log, stderr=subprocess.STDOUT, env=env)
                 running.append((job, proc))
                 print(f"[curves] start {job[1]} seed {job[2]}", flush=True)
@@ -148,7 +154,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                         flush=True,
                     )
                     if proc.returncode != 0:
-                        raise SystemExit(f"run failed; see {job[3] / 'stdout.txt'}")
+                        raise SystemExit(f"run failed; see {_stdout_path(job[3])}")
     results: dict[str, Any] = {
         "configs": {},
         "command": " ".join(sys.argv),
