@@ -76,20 +76,28 @@ def heldout_nll(model: Any, loader: Iterable[Any], seed: int = 0) -> dict[str, f
     -------
     dict
         ``nll``, ``kl_prior``, ``diffusion``, ``reconstruction`` and ``size``, each the
-        mean over all samples of ``loader``.
+        mean over all samples of ``loader``, and ``nll_se``: the standard error of that
+        mean over samples (sample standard deviation / sqrt(n); it contains the spread of
+        the one-``t`` estimate as well as the spread between molecules, so it is what a
+        difference between two models' ``nll`` should be compared with).
     """
     gen = torch.Generator().manual_seed(seed)
     sums: dict[str, float] = {}
+    values: list[torch.Tensor] = []
     count = 0
     device = _device_of(model)
     for batch in loader:
         out = model.nll(batch.to(device), generator=gen)
         for key in ("nll", "kl_prior", "diffusion", "reconstruction", "size"):
             sums[key] = sums.get(key, 0.0) + getattr(out, key).sum().item()
+        values.append(out.nll.detach().double().cpu())
         count += out.nll.numel()
     if count == 0:
         raise ValueError("heldout_nll: the loader yielded no samples")
-    return {k: v / count for k, v in sums.items()}
+    result = {k: v / count for k, v in sums.items()}
+    every = torch.cat(values)
+    result["nll_se"] = float(every.std() / count**0.5) if count > 1 else float("nan")
+    return result
 
 
 class FrameDrift:

@@ -45,6 +45,7 @@ def row(metrics: dict) -> dict:
         "val_loss_initial": metrics.get("initial", {}).get("val_loss"),
         "val_loss": metrics["val_loss"],
         "nll": metrics["test_nll"]["nll"],
+        "nll_se": metrics["test_nll"].get("nll_se"),  # absent in runs evaluated before it
         "n_samples": n,
         "s_per_sample": metrics.get("sampling", {}).get("s_per_sample"),
     }
@@ -60,7 +61,13 @@ def row(metrics: dict) -> dict:
         out[key] = value
     out["mol_stability_se"] = _binomial_se(mol["mol_stability"], n)
     out["validity_se"] = _binomial_se(mol["validity"], n)
+    out["connected_validity_se"] = _binomial_se(mol.get("connected_validity") or 0.0, n)
     return out
+
+
+def _nll(r: dict) -> str:
+    se = r.get("nll_se")
+    return f"{r['nll']:.1f}" if se is None else f"{r['nll']:.1f} ± {se:.1f}"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -74,10 +81,11 @@ def markdown(rows: list[dict]) -> str:
         pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
         lines.append(
             f"| {LABELS.get(r['model'], r['model'])} | {r['steps']} | {r['train_minutes']:.1f} | "
-            f"{r['val_loss_initial']:.3f} → {r['val_loss']:.3f} | {r['nll']:.1f} | "
+            f"{r['val_loss_initial']:.3f} → {r['val_loss']:.3f} | {_nll(r)} | "
             f"{pct(r['mol_stability'])} ± {100 * r['mol_stability_se']:.1f} | "
             f"{pct(r['atom_stability'])} | {pct(r['validity'])} ± {100 * r['validity_se']:.1f} | "
-            f"{pct(r['connected_validity'])} | {pct(r['uniqueness'])} | "
+            f"{pct(r['connected_validity'])} ± {100 * r['connected_validity_se']:.1f} | "
+            f"{pct(r['uniqueness'])} | "
             f"{r['s_per_sample']:.2f} |"
         )
     lines += [
