@@ -28,6 +28,10 @@ LABELS = {
     "edm": "EDM",
     "canon-frozen-gdm": "canon(frozen)+GDM",
     "canon-gdm": "canon+GDM",
+    "pca-gdm": "PCA+GDM",
+    "transformer": "transformer (centre of mass)",
+    "pca-transformer": "PCA+transformer",
+    "canon-transformer": "canon(anchored)+transformer",
 }
 
 
@@ -104,6 +108,58 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def evaluations(run: str | Path) -> list[dict]:
+    """The evaluation records of a run's ``checkpoints/log.jsonl``: step, seconds, values."""
+    log = Path(run) / "checkpoints" / "log.jsonl"
+    if not log.exists():
+        raise FileNotFoundError(f"{log} not found: was {run} trained by examples/qm9.py?")
+    out = []
+    for line in log.read_text().splitlines():
+        rec = json.loads(line)
+        if "eval" in rec:
+            out.append({"step": rec["step"], "elapsed": rec.get("elapsed"), **rec["eval"]})
+    return out
+
+
+def plot_curves(runs: list[str], path: Path) -> None:
+    """Held-out loss against seconds and steps, and validation NLL against seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for run in runs:
+        evals = evaluations(run)
+        cfg_path = Path(run) / "config.json"
+        label = json.loads(cfg_path.read_text()).get("model") if cfg_path.exists() else None
+        label = LABELS.get(label, label) or Path(run).name
+        secs = [e["elapsed"] / 60 for e in evals]
+        steps = [e["step"] for e in evals]
+        axes[0].plot(secs, [e["val_loss"] for e in evals], marker="o", label=label)
+        axes[1].plot(steps, [e["val_loss"] for e in evals], marker="o", label=label)
+        with_nll = [e for e in evals if "val_nll" in e]
+        axes[2].plot(
+            [e["elapsed"] / 60 for e in with_nll],
+            [e["val_nll"] for e in with_nll],
+            marker="o",
+            label=label,
+        )
+    for ax, xl, yl in zip(
+        axes,
+        ("training minutes", "training steps", "training minutes"),
+        ("held-out denoising loss", "held-out denoising loss", "validation NLL bound (nats)"),
+    ):
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="run folders holding metrics.json")
@@ -112,6 +168,12 @@ def main(argv: list[str] | None = None) -> str:
     )
     parser.add_argument(
         "--json", default=None, help="JSON file of the rows to write (default: none)"
+    )
+    parser.add_argument(
+        "--plot",
+        default=None,
+        help="PNG to write: held-out loss and validation NLL of every run against training "
+        "seconds and steps (read from each run's checkpoints/log.jsonl)",
     )
     args = parser.parse_args(argv)
     rows = []
@@ -125,6 +187,9 @@ def main(argv: list[str] | None = None) -> str:
         Path(args.out).write_text(text)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
+    if args.plot:
+        plot_curves(args.runs, Path(args.plot))
+        print(f"[report] wrote {args.plot}")
     print(text)
     return text
 
