@@ -33,6 +33,8 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
+from canonwrap.training.logs import read_evaluations
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "qm9.py"
 
@@ -52,16 +54,6 @@ def parse_config(spec: str) -> tuple[str, list[str]]:
         flag = "--" + key.strip().replace("_", "-")
         flags += [flag] if value.strip().lower() == "true" else [flag, value.strip()]
     return spec.replace(":", "_").replace(",", "_").replace("=", "-"), flags
-
-
-def read_evals(log: Path) -> list[dict[str, Any]]:
-    """The evaluation records of a ``log.jsonl`` (step, elapsed seconds and values)."""
-    out = []
-    for line in log.read_text().splitlines():
-        rec = json.loads(line)
-        if "eval" in rec:
-            out.append({"step": rec["step"], "elapsed": rec.get("elapsed"), **rec["eval"]})
-    return out
 
 
 class LoadRecorder:
@@ -168,7 +160,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         entry["parameters"] = cfg.get("parameters")
         entry["runs"][str(seed)] = {
             "initial": json.loads((run_dir / "initial.json").read_text())["val_loss"],
-            "evals": read_evals(run_dir / "checkpoints" / "log.jsonl"),
+            "evals": read_evaluations(run_dir / "checkpoints" / "log.jsonl"),
         }
     (out / "curves.json").write_text(json.dumps(results, indent=2))
     return results

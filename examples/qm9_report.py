@@ -13,6 +13,8 @@ import json
 import math
 from pathlib import Path
 
+from canonwrap.training.logs import read_evaluations
+
 # Published figures (QM9 with hydrogens, 10,000 samples); EDM's uniqueness is "valid and
 # unique" in its paper.
 PUBLISHED = {
@@ -110,15 +112,7 @@ def markdown(rows: list[dict]) -> str:
 
 def evaluations(run: str | Path) -> list[dict]:
     """The evaluation records of a run's ``checkpoints/log.jsonl``: step, seconds, values."""
-    log = Path(run) / "checkpoints" / "log.jsonl"
-    if not log.exists():
-        raise FileNotFoundError(f"{log} not found: was {run} trained by examples/qm9.py?")
-    out = []
-    for line in log.read_text().splitlines():
-        rec = json.loads(line)
-        if "eval" in rec:
-            out.append({"step": rec["step"], "elapsed": rec.get("elapsed"), **rec["eval"]})
-    return out
+    return read_evaluations(Path(run) / "checkpoints" / "log.jsonl")
 
 
 def plot_curves(runs: list[str], path: Path) -> None:

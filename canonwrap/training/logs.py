@@ -62,3 +62,26 @@ def _truncate_log(path: Path, step: int) -> None:
             kept.append(line)
     with atomic_open(path, "w") as f:
         f.writelines(kept)
+
+
+def read_evaluations(path: str | Path) -> list[dict[str, Any]]:
+    """The evaluation records of a ``log.jsonl``, in order.
+
+    Each is ``{"step", "elapsed", **eval}``: the step, the training seconds when the
+    evaluation ran (``None`` if not logged) and the values of the record's ``eval``
+    entry (for the QM9 example: ``val_loss``, ``val_nll``, frame drift). Records without
+    ``eval`` (the loss lines) are skipped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no training log here (log.jsonl is in checkpoint_dir)")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not JSON ({err})") from None
+            if "eval" in rec:
+                out.append({"step": rec["step"], "elapsed": rec.get("elapsed"), **rec["eval"]})
+    return out
