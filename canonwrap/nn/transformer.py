@@ -22,7 +22,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.utils import to_dense_batch
 
 from canonwrap.nn._inputs import checked_times
 from canonwrap.nn.gnn import _read_batch
@@ -71,11 +70,19 @@ class DistanceBias(nn.Module):
         self.width = cutoff / max(num_basis - 1, 1)
         self.proj = nn.Linear(num_basis, heads)
 
+    def basis(self, dist: Tensor) -> Tensor:
+        """The radial basis ``phi(d)``, ``[B, n, n, num_basis]`` for ``dist [B, n, n]``."""
+        centres = self.centres.to(dist.dtype)
+        return torch.exp(-((dist[..., None] - centres) / self.width).pow(2))
+
+    def project(self, rbf: Tensor) -> Tensor:
+        """Bias ``[B, heads, n, n]`` from a basis computed by ``basis`` (shareable between
+        biases with the same ``num_basis`` and ``cutoff``)."""
+        return self.proj(rbf).permute(0, 3, 1, 2)
+
     def forward(self, dist: Tensor) -> Tensor:
         """Bias ``[B, heads, n, n]`` from distances ``dist [B, n, n]``."""
-        centres = self.centres.to(dist.dtype)
-        rbf = torch.exp(-((dist[..., None] - centres) / self.width).pow(2))
-        return self.proj(rbf).permute(0, 3, 1, 2)
+        return self.project(self.basis(dist))
 
 
 class AdaLNBlock(nn.Module):
@@ -118,19 +125,61 @@ class AdaLNBlock(nn.Module):
         nn.init.zeros_(self.modulation[1].weight)
         nn.init.zeros_(self.modulation[1].bias)
 
-    def forward(self, h: Tensor, cond: Tensor, attn_bias: Tensor) -> Tensor:
-        """Update tokens ``h [B, n, H]`` given ``cond [B, H]`` and a bias ``[B, heads|1, n, n]``.
+    def forward(
+        self, h: Tensor, cond: Tensor, attn_bias: Tensor, packing: _Packing | None = None
+    ) -> Tensor:
+        """Update tokens given ``cond [B, H]`` and an attention bias ``[B, heads|1, n, n]``.
 
-        ``attn_bias`` is added to the attention logits; ``-inf`` entries mask keys.
+        Dense tokens ``h [B, n, H]`` by default. With ``packing`` the tokens are packed,
+        ``h [N, H]`` (the points of all samples, no padding): the linear layers then run on
+        the ``N`` real tokens only, and just the attention itself is laid out densely,
+        ``[B, heads, n, n]``. ``attn_bias`` is added to the attention logits; ``-inf``
+        entries mask keys.
         """
-        b1, s1, g1, b2, s2, g2 = self.modulation(cond)[:, None].chunk(6, dim=-1)
+        mods = self.modulation(cond)
+        mods = mods[:, None] if packing is None else mods[packing.batch]
+        b1, s1, g1, b2, s2, g2 = mods.chunk(6, dim=-1)
         x = self.norm1(h) * (1 + s1) + b1
-        bsz, n, width = x.shape
-        q, k, v = self.qkv(x).view(bsz, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x)
+        if packing is not None:
+            qkv = packing.to_dense(qkv)
+        bsz, n, width = qkv.shape[0], qkv.shape[1], h.shape[-1]
+        q, k, v = qkv.view(bsz, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         drop = self.dropout if self.training else 0.0
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=drop)
-        h = h + g1 * self.out(att.transpose(1, 2).reshape(bsz, n, width))
+        att = att.transpose(1, 2).reshape(bsz, n, width)
+        if packing is not None:
+            att = packing.to_packed(att)
+        h = h + g1 * self.out(att)
         return h + g2 * self.mlp(self.norm2(h) * (1 + s2) + b2)
+
+
+class _Packing:
+    """Maps packed per-point rows ``[N, C]`` to the dense layout ``[B, n_max, C]`` and back.
+
+    Point ``i`` of sample ``b`` sits at row ``b * n_max + i`` of the flattened dense
+    layout; padding rows are zero.
+    """
+
+    def __init__(self, batch: Tensor, num_samples: int) -> None:
+        counts = torch.bincount(batch, minlength=num_samples)
+        starts = torch.cumsum(counts, 0) - counts
+        self.batch = batch
+        self.num_samples = num_samples
+        self.n_max = int(counts.max()) if batch.numel() else 0
+        position = torch.arange(batch.numel(), device=batch.device) - starts[batch]
+        self.index = batch * self.n_max + position
+        self.mask = torch.zeros(num_samples * self.n_max, dtype=torch.bool, device=batch.device)
+        self.mask[self.index] = True
+        self.mask = self.mask.view(num_samples, self.n_max)
+
+    def to_dense(self, rows: Tensor) -> Tensor:
+        dense = rows.new_zeros(self.num_samples * self.n_max, rows.shape[-1])
+        dense = dense.index_copy(0, self.index, rows)
+        return dense.view(self.num_samples, self.n_max, rows.shape[-1])
+
+    def to_packed(self, dense: Tensor) -> Tensor:
+        return dense.reshape(-1, dense.shape[-1]).index_select(0, self.index)
 
 
 class TransformerDenoiser(nn.Module):
@@ -172,8 +221,10 @@ class TransformerDenoiser(nn.Module):
     -----
     Call as ``denoiser(z_t, t)`` with ``z_t`` a ``Data``/``Batch`` carrying ``pos [N, 3]``,
     ``x [N, F]`` and ``batch [N]``, and ``t`` the normalised time, float ``[B]`` (or a
-    scalar shared by all samples). Cost is ``O(B n_max^2)`` for the largest sample size
-    ``n_max`` in the batch.
+    scalar shared by all samples). The linear layers (embedding, attention projections,
+    feed-forward, head) run on the ``N`` points of the batch only, without padding; only the
+    attention scores and the distance bias are laid out per sample, ``O(B n_max^2)`` for the
+    largest sample size ``n_max`` in the batch.
     """
 
     def __init__(
@@ -220,20 +271,22 @@ class TransformerDenoiser(nn.Module):
                 "TransformerDenoiser: the batch vector must be sorted (as in every "
                 "torch_geometric Batch); sort the nodes by sample first"
             )
-        tokens, mask = to_dense_batch(torch.cat([pos, feats], dim=-1), batch, batch_size=b)
+        packing = _Packing(batch, b)
         cond = self.time_mlp(timestep_embedding(t, self.hidden))
-        h = self.embed(tokens)
-        # keys that are padding get -inf; padded queries still see real keys (no NaN rows)
-        key_mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device)
-        key_mask = key_mask.masked_fill(~mask, float("-inf"))[:, None, None, :]
-        dist = None
+        # the linear layers run on the N real points only ("packed"); attention alone is
+        # laid out per sample, [B, heads, n_max, n_max], with the padding keys masked
+        h = self.embed(torch.cat([pos, feats], dim=-1))
+        key_mask = torch.zeros(packing.mask.shape, dtype=h.dtype, device=h.device)
+        key_mask = key_mask.masked_fill(~packing.mask, float("-inf"))[:, None, None, :]
+        rbf = None
         if self.biases is not None:
-            dense_pos = tokens[..., :3]
+            dense_pos = packing.to_dense(pos)
             diff = dense_pos[:, :, None] - dense_pos[:, None, :]
             dist = diff.pow(2).sum(-1).clamp_min(1e-12).sqrt()  # finite gradient at 0
+            rbf = self.biases[0].basis(dist)  # every block's bias has the same basis
         for i, block in enumerate(self.blocks):
-            bias = key_mask if dist is None else key_mask + self.biases[i](dist)
-            h = block(h, cond, bias)
-        shift, scale = self.final_modulation(cond)[:, None].chunk(2, dim=-1)
-        out = self.head(self.final_norm(h) * (1 + scale) + shift)[mask]  # [N, 3 + F]
+            bias = key_mask if rbf is None else key_mask + self.biases[i].project(rbf)
+            h = block(h, cond, bias, packing)
+        shift, scale = self.final_modulation(cond)[batch].chunk(2, dim=-1)
+        out = self.head(self.final_norm(h) * (1 + scale) + shift)  # [N, 3 + F]
         return torch.cat([remove_mean(out[:, :3], batch, b), out[:, 3:]], dim=-1)
