@@ -144,13 +144,9 @@ def model_config(cfg: dict[str, Any]) -> QM9ModelConfig:
 
 
 def subset(ds: QM9, size: int | None) -> QM9:
-    """A fixed, seeded subset of ``size`` molecules (all of them when ``size`` is None)."""
-    if size is not None and size < len(ds):
-        # a fixed, seeded subset so every model sees the same molecules
-        gen = torch.Generator().manual_seed(12345)
-        idx = torch.randperm(len(ds), generator=gen)[:size].sort().values
-        ds = ds[idx]
-    return ds
+    """A fixed, seeded subset of ``size`` molecules (all of them when ``size`` is None), so
+    that every model sees the same molecules."""
+    return ds.seeded_subset(size)
 
 
 def load_split(split: str, cfg: dict[str, Any], size: int | None) -> QM9:

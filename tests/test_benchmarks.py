@@ -83,3 +83,27 @@ def test_profile_sampling_tiny(capsys):
     assert stages["denoiser forward"] > 0 and stages["of which edge construction"] > 0
     assert stages["sampler step"] > 0
     assert "denoiser forward" in capsys.readouterr().out
+
+
+def test_paired_nll_pairs_the_draws(tmp_path):
+    from tests.examples.test_qm9 import TRAIN
+
+    qm9 = load_script("examples/qm9.py")
+    runs = []
+    for model in ("gdm", "pca-transformer"):
+        out = tmp_path / model
+        qm9.main(["train", "--model", model, "--out", str(out), "--max-steps", "2", *TRAIN])
+        runs.append(str(out))
+    paired = _load("paired_nll")
+    res = paired.main([*runs, runs[0], "--nll-size", "8", "--threads", "1",
+                       "--out", str(tmp_path / "paired.json")])
+    # a run against itself: the same draws give a difference of exactly zero
+    assert res["paired_difference_to_first"][runs[0]] == {"mean": 0.0, "se": 0.0}
+    # two different models: a real difference, equal to the gap between their means
+    diff = res["paired_difference_to_first"][runs[1]]
+    assert diff["mean"] != 0.0 and 0 < diff["se"]
+    mean_gap = res["runs"][runs[1]]["mean"] - res["runs"][runs[0]]["mean"]
+    assert diff["mean"] == pytest.approx(mean_gap, rel=1e-9, abs=1e-9)
+    assert json.loads((tmp_path / "paired.json").read_text())["nll_size"] == 8
+    with pytest.raises(SystemExit):
+        paired.main([runs[0]])  # one run: nothing to compare

@@ -745,3 +745,15 @@ class QM9(Dataset):
         if n < 0:
             raise ValueError(f"subset size must be non-negative, got {n}")
         return self[:n]
+
+    def seeded_subset(self, n: int | None, seed: int = 12345) -> QM9:
+        """A fixed random subset of ``n`` molecules, in dataset order (all when ``n`` is
+        ``None`` or at least ``len(self)``). The same ``n`` and ``seed`` always give the same
+        molecules, so every model of a comparison is scored on the same ones (the QM9
+        example's validation and test subsets are these, with the default seed)."""
+        if n is None or n >= len(self):
+            return self
+        if n < 0:
+            raise ValueError(f"subset size must be non-negative, got {n}")
+        gen = torch.Generator().manual_seed(seed)
+        return self[torch.randperm(len(self), generator=gen)[:n].sort().values]

@@ -1,0 +1,102 @@
+"""Paired test NLL of several QM9 runs: the same molecules and the same draws of t and noise.
+
+``examples/qm9.py evaluate`` estimates each model's NLL bound with one random ``t`` per test
+molecule, so the standard error of one model's mean is large (tens of nats on 1,000
+molecules at the CPU preset). Two models scored on the same molecules with the same seed
+draw the same ``t`` and noise for each molecule (checked: the generator must end in the
+same state for every run), so the per-molecule difference cancels much of that spread.
+This script reports each run's mean ± standard error and, for every run after the first,
+the paired difference to the first with its standard error.
+
+Example (the head-to-head of docs/results/qm9.md)::
+
+    python benchmarks/paired_nll.py runs/h2h/pca-transformer runs/h2h/edm --nll-size 1000 \\
+        --weights ema --threads 1 --out docs/results/qm9/h2h/paired_nll.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+
+def per_molecule_nll(model, dataset, seed: int, batch_size: int = 64):
+    """NLL bound of every molecule of ``dataset`` (``[M]``) and the generator's end state."""
+    from torch_geometric.loader import DataLoader
+
+    gen = torch.Generator().manual_seed(seed)
+    values = []
+    with torch.no_grad():
+        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            values.append(model.nll(batch, generator=gen).nll.double())
+    return torch.cat(values), gen.get_state()
+
+
+def _mean_se(x: torch.Tensor) -> tuple[float, float]:
+    return float(x.mean()), float(x.std() / math.sqrt(x.numel()))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", help="run folders of examples/qm9.py (two or more)")
+    p.add_argument("--nll-size", type=int, default=1000, help="test molecules (default 1000)")
+    p.add_argument(
+        "--weights",
+        choices=("ema", "raw"),
+        default=None,
+        help="weights to score (default: each run's setting)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the t and noise draws")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="JSON file for the results (default: none)")
+    args = p.parse_args(argv)
+    if len(args.runs) < 2:
+        p.error("give at least two runs to compare")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from canonwrap.data.qm9 import QM9
+    from canonwrap.evaluation import load_qm9_run
+
+    per, states, configs = {}, [], []
+    for run in args.runs:
+        model, cfg = load_qm9_run(run, args.weights)
+        configs.append(cfg)
+        test = QM9("test", remove_h=cfg["remove_h"], progress=False).seeded_subset(args.nll_size)
+        per[run], state = per_molecule_nll(model, test, args.seed)
+        states.append(state)
+        mean, se = _mean_se(per[run])
+        print(f"[paired_nll] {run}: {mean:.2f} ± {se:.2f} nats ({per[run].numel()} molecules)")
+    if len({cfg["remove_h"] for cfg in configs}) > 1:
+        raise ValueError("the runs differ in remove_h: they were trained on different data")
+    if not all(torch.equal(states[0], s) for s in states[1:]):
+        raise RuntimeError(
+            "the runs consumed the random generator differently, so their t and noise draws "
+            "are not paired; compare their means with the unpaired standard errors instead"
+        )
+    first = args.runs[0]
+    result = {
+        "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+        "nll_size": args.nll_size,
+        "seed": args.seed,
+        "runs": {run: dict(zip(("mean", "se"), _mean_se(v))) for run, v in per.items()},
+        "paired_difference_to_first": {
+            run: dict(zip(("mean", "se"), _mean_se(per[run] - per[first]))) for run in args.runs[1:]
+        },
+    }
+    for run, d in result["paired_difference_to_first"].items():
+        print(f"[paired_nll] {run} - {first}: {d['mean']:+.2f} ± {d['se']:.2f} nats (paired)")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
