@@ -13,40 +13,7 @@ from pathlib import Path
 
 import torch
 
-from canonwrap.molecules import QM9_ATOM_TYPES, QM9_HEAVY_ATOM_TYPES
-
-COLOURS = {1: "#dddddd", 6: "#404040", 7: "#3050f8", 8: "#ff0d0d", 9: "#90e050"}
-SIZES = {1: 30, 6: 70, 7: 70, 8: 70, 9: 70}
-
-
-def _draw(ax, z, pos, title):
-    from canonwrap.metrics.molecules import bond_order_matrix
-
-    z = z.tolist()
-    p = pos.numpy()
-    orders = bond_order_matrix(z, p)
-    n = len(z)
-    for i in range(n):
-        for j in range(i + 1, n):
-            if orders[i, j] > 0:
-                ax.plot(*p[[i, j]].T, color="#888888", linewidth=0.8 * orders[i, j])
-    ax.scatter(
-        *p.T,
-        c=[COLOURS.get(a, "#aa00aa") for a in z],
-        s=[SIZES.get(a, 50) for a in z],
-        edgecolors="black",
-        linewidths=0.3,
-        depthshade=False,
-    )
-    lim = max(2.5, float(abs(p).max()) + 0.3)
-    for setter in (ax.set_xlim, ax.set_ylim, ax.set_zlim):
-        setter(-lim, lim)
-    ax.set_xlabel("e1", fontsize=6, labelpad=-12)
-    ax.set_ylabel("e2", fontsize=6, labelpad=-12)
-    ax.set_zlabel("e3", fontsize=6, labelpad=-12)
-    ax.tick_params(labelsize=0, length=0)
-    ax.view_init(elev=20, azim=-60)
-    ax.set_title(title, fontsize=7)
+from canonwrap.plots import draw_molecule, generated_molecules
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -81,23 +48,14 @@ def main(argv: list[str] | None = None) -> Path:
     ]
     samples_path = run / "samples.pt"
     if samples_path.exists():
-        s = torch.load(samples_path, weights_only=True)
-        sizes = s["num_nodes"].tolist()[: args.count]
-        offsets = [0]
-        for n in s["num_nodes"].tolist():
-            offsets.append(offsets[-1] + n)
-        types = torch.tensor(QM9_HEAVY_ATOM_TYPES if cfg["remove_h"] else QM9_ATOM_TYPES)
-        k = len(types)
-        mols = []
-        for i, n in enumerate(sizes):
-            sl = slice(offsets[i], offsets[i] + n)
-            mols.append((types[s["x"][sl, :k].argmax(-1)], s["pos"][sl]))
+        samples = torch.load(samples_path, weights_only=True)
+        mols = generated_molecules(samples, cfg["remove_h"], args.count)
         rows.append(("generated (canonical pose)", mols))
     fig = plt.figure(figsize=(1.9 * args.count, 2.0 * len(rows)))
     for r, (label, mols) in enumerate(rows):
         for c, (z, pos) in enumerate(mols):
             ax = fig.add_subplot(len(rows), args.count, r * args.count + c + 1, projection="3d")
-            _draw(ax, z, pos, f"{label} {c + 1}" if c == 0 else f"{c + 1}")
+            draw_molecule(ax, z, pos, f"{label} {c + 1}" if c == 0 else f"{c + 1}")
     fig.suptitle(f"{cfg['model']}: axes are the canonical frame (e1, e2, e3)", fontsize=9)
     fig.tight_layout()
     out = Path(args.png)

@@ -427,7 +427,48 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
             result[name.removesuffix(".json")] = json.loads((out / name).read_text())
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2), flush=True)
+    figure = _summary_figure(out)
+    print(summary_lines(result, figure), flush=True)
     return result
+
+
+def _summary_figure(out: Path) -> Path | None:
+    """``out/summary.png`` (curves and generated molecules), or None without matplotlib."""
+    from canonwrap.plots import qm9_run_figure
+
+    if not (out / "checkpoints" / "log.jsonl").exists():
+        return None  # evaluated without a training log (e.g. copied checkpoints)
+    try:
+        return qm9_run_figure(out, out / "summary.png")
+    except ImportError as err:
+        print(f"[evaluate] no figure: {err}", flush=True)
+        return None
+
+
+def summary_lines(result: dict[str, Any], figure: Path | None) -> str:
+    """The few numbers a reader wants first, and where the figure is."""
+    mol = result["molecules"]
+    nll = result["test_nll"]
+    train = result.get("train_result", {})
+    sampling = result.get("sampling", {})
+    pct = lambda key: f"{100 * mol[key]:.1f} %"  # noqa: E731
+    lines = [
+        "",
+        f"== {result['model']}: summary",
+        f"   training: {train.get('steps', '?')} steps in "
+        f"{train.get('elapsed_s', float('nan')) / 60:.1f} min; held-out denoising loss "
+        f"{result.get('initial', {}).get('val_loss', float('nan')):.3f} -> "
+        f"{result['val_loss']:.3f}",
+        f"   test NLL bound: {nll['nll']:.1f} ± {nll.get('nll_se', float('nan')):.1f} nats",
+        f"   {mol['n_molecules']} samples: atom stable {pct('atom_stability')}, molecule "
+        f"stable {pct('mol_stability')}, valid {pct('validity')}, connected valid "
+        f"{pct('connected_validity')}, unique {pct('uniqueness')}",
+    ]
+    if sampling:
+        lines.append(f"   sampling: {sampling['s_per_sample']:.3f} s per molecule")
+    if figure is not None:
+        lines.append(f"   figure: {figure}")
+    return "\n".join(lines)
 
 
 def cmd_all(args: argparse.Namespace) -> dict[str, Any]:

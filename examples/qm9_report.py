@@ -116,42 +116,15 @@ def evaluations(run: str | Path) -> list[dict]:
 
 
 def plot_curves(runs: list[str], path: Path) -> None:
-    """Held-out loss against seconds and steps, and validation NLL against seconds."""
-    import matplotlib
+    """Held-out loss against minutes and steps, and validation NLL against minutes."""
+    from canonwrap.plots import plot_training_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    curves = {}
     for run in runs:
-        evals = evaluations(run)
         cfg_path = Path(run) / "config.json"
         label = json.loads(cfg_path.read_text()).get("model") if cfg_path.exists() else None
-        label = LABELS.get(label, label) or Path(run).name
-        secs = [e["elapsed"] / 60 for e in evals]
-        steps = [e["step"] for e in evals]
-        axes[0].plot(secs, [e["val_loss"] for e in evals], marker="o", label=label)
-        axes[1].plot(steps, [e["val_loss"] for e in evals], marker="o", label=label)
-        with_nll = [e for e in evals if "val_nll" in e]
-        axes[2].plot(
-            [e["elapsed"] / 60 for e in with_nll],
-            [e["val_nll"] for e in with_nll],
-            marker="o",
-            label=label,
-        )
-    for ax, xl, yl in zip(
-        axes,
-        ("training minutes", "training steps", "training minutes"),
-        ("held-out denoising loss", "held-out denoising loss", "validation NLL bound (nats)"),
-    ):
-        ax.set_xlabel(xl)
-        ax.set_ylabel(yl)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        curves[LABELS.get(label, label) or Path(run).name] = evaluations(run)
+    plot_training_curves(curves, path)
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -76,6 +76,7 @@ from canonwrap.training.clipping import GradNormQueue, clip_grad_adaptive
 from canonwrap.training.distributed import distributed_sampler_loader
 from canonwrap.training.ema import EMA
 from canonwrap.training.integrity import CheckpointError, read_checkpoint
+from canonwrap.training.logs import read_evaluations
 from canonwrap.training.loss import LossFn
 from canonwrap.training.rng import get_rng_state, set_rng_state
 from canonwrap.training.run_folder import RunLock, claim_run_folder
@@ -98,4 +99,5 @@ __all__ = [
     "RunLock",
     "claim_run_folder",
     "read_checkpoint",
+    "read_evaluations",
 ]

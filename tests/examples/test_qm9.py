@@ -14,7 +14,7 @@ TINY = TRAIN + ["--num-samples", "3"]
 @pytest.mark.parametrize(
     "model", ["gdm", "edm", "canon-gdm", "canon-frozen-gdm", "pca-transformer", "canon-transformer"]
 )
-def test_qm9_all_smoke(example, tmp_path, model):
+def test_qm9_all_smoke(example, tmp_path, model, capsys):
     qm9 = example("qm9")
     out = tmp_path / model
     result = qm9.main(["all", "--model", model, "--out", str(out), "--max-steps", "3", *TINY])
@@ -23,10 +23,14 @@ def test_qm9_all_smoke(example, tmp_path, model):
     assert mol["n_molecules"] == 3 and 0 <= mol["validity"] <= 1
     assert result["test_nll"]["nll"] == result["test_nll"]["nll"]  # not NaN
     assert result["train_result"]["steps"] == 3
-    for name in ("config.json", "metrics.json", "samples.xyz", "samples.sdf", "samples.pt"):
+    names = ("config.json", "metrics.json", "samples.xyz", "samples.sdf", "samples.pt")
+    for name in (*names, "summary.png"):
         assert (out / name).exists(), name
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["val_loss"] == pytest.approx(result["val_loss"])
+    # the run ends with its summary and the figure's path
+    tail = capsys.readouterr().out.rstrip().splitlines()[-6:]
+    assert tail[0] == f"== {model}: summary" and tail[-1] == f"   figure: {out / 'summary.png'}"
 
 
 def test_qm9_resume_and_ddim_sampling_and_figure(example, tmp_path):
