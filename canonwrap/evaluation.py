@@ -278,7 +278,9 @@ def load_qm9_run(
     Reads ``config.json`` (its ``model_config`` entry describes the model, see
     [`QM9ModelConfig`][canonwrap.recipes.QM9ModelConfig]), builds the model with QM9's
     training-set size distribution, and loads the newest checkpoint of
-    ``checkpoints/`` (weights only).
+    ``checkpoints/`` that verifies (weights only): a newer one whose checksum fails or
+    whose weights are not finite is skipped with a warning naming it and why, and left in
+    place (``train --resume`` renames such files to ``.corrupt``).
 
     Parameters
     ----------
@@ -297,6 +299,7 @@ def load_qm9_run(
     from canonwrap.data.qm9 import QM9
     from canonwrap.recipes import QM9ModelConfig, qm9_model
     from canonwrap.training import find_latest_checkpoint
+    from canonwrap.training.integrity import _read_newest_verified
 
     folder = Path(folder)
     cfg_path = folder / "config.json"
@@ -310,8 +313,10 @@ def load_qm9_run(
     train = QM9("train", remove_h=cfg["model_config"]["remove_h"], progress=False)
     node_counts = NodeCountDistribution(train.node_count_histogram())
     model = qm9_model(QM9ModelConfig(**cfg["model_config"]), node_counts)
-    ckpt = find_latest_checkpoint(folder / "checkpoints")
-    if ckpt is None:
+    if find_latest_checkpoint(folder / "checkpoints") is None:
         raise FileNotFoundError(f"no checkpoint in {folder / 'checkpoints'}: train first")
+    # the newest checkpoint that verifies, as resume takes it; the files are left as they
+    # are (sampling and evaluating only read the folder), with a warning naming any skipped
+    ckpt, _ = _read_newest_verified(folder / "checkpoints", rename=False, action="loading")
     load_weights(model, ckpt, weights or cfg.get("weights", "raw"))
     return model, cfg

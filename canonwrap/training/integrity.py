@@ -166,13 +166,15 @@ def read_checkpoint(path: str | os.PathLike[str], *, trainer_only: bool = True) 
     return ckpt
 
 
-def _read_newest_verified(directory: Path, *, rename: bool = True) -> tuple[Path, dict[str, Any]]:
+def _read_newest_verified(
+    directory: Path, *, rename: bool = True, action: str = "resuming from"
+) -> tuple[Path, dict[str, Any]]:
     """The newest ``ckpt_<step>.pt`` of ``directory`` that verifies, with its contents.
 
     Checkpoints that fail are skipped with a warning that names each and why, and (with
     ``rename``) renamed to ``<name>.corrupt`` so that nothing picks them up later. A non-file
     under a checkpoint's name is an error (falling back past it would silently roll the run
-    back).
+    back). ``action`` starts the warning ("resuming from", "loading").
     """
     files = _checkpoint_files(directory, strict=True)
     if not files:
@@ -197,7 +199,7 @@ def _read_newest_verified(directory: Path, *, rename: bool = True) -> tuple[Path
                         where = f"could not rename it: {err}"
                 lines.append(f"{bad.name} ({where}): {reason}")
             warnings.warn(
-                f"resuming from {path.name}, the newest checkpoint of {directory} that "
+                f"{action} {path.name}, the newest checkpoint of {directory} that "
                 f"verifies; skipped {len(skipped)} newer one(s):\n  " + "\n  ".join(lines),
                 stacklevel=4,
             )

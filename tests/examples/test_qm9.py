@@ -80,3 +80,41 @@ def test_qm9_composed_model_logs_frame_drift(example, tmp_path):
     records = [json.loads(line) for line in
                (out / "checkpoints" / "log.jsonl").read_text().splitlines()]
     assert any("prior" in r.get("terms", {}) for r in records)
+
+
+def test_sampling_skips_a_newer_checkpoint_that_fails_verification(example, tmp_path):
+    """sample/evaluate load the newest checkpoint that verifies (as --resume does), warn
+    about the one skipped and leave the folder as it is."""
+    import warnings
+
+    import torch
+
+    from canonwrap.evaluation import load_qm9_run
+    from canonwrap.training import find_latest_checkpoint
+
+    qm9 = example("qm9")
+    out = tmp_path / "run"
+    qm9.main(["train", "--model", "gdm", "--out", str(out), "--max-steps", "2", *TRAIN])
+    qm9.main(["train", "--out", str(out), "--resume", "--max-steps", "4", "--no-progress"])
+    newest = find_latest_checkpoint(out / "checkpoints")
+    older = sorted((out / "checkpoints").glob("ckpt_*.pt"))[-2]
+    assert newest != older
+    reference, _ = load_qm9_run(out)  # newest, intact
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # damage inside the file
+    newest.write_bytes(bytes(data))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _ = load_qm9_run(out)
+    msg = "\n".join(str(w.message) for w in caught)
+    assert f"loading {older.name}" in msg and newest.name in msg
+    assert newest.exists() and not newest.with_name(newest.name + ".corrupt").exists()
+    # the weights are the older checkpoint's, not the damaged newest one's
+    state = torch.load(older, weights_only=True)["model"]
+    key = next(k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point())
+    assert torch.equal(model.state_dict()[key], state[key])
+    assert not all(
+        torch.equal(model.state_dict()[k], v)
+        for k, v in reference.state_dict().items()
+        if torch.is_tensor(v)
+    )
