@@ -380,7 +380,13 @@ class Trainer:
         if self.device is not None:
             batch = _to_device(batch, self.device)
         step = self.state.step + 1
-        loss, terms = _split_loss(self.loss_fn(self.model, batch))
+        try:
+            loss, terms = _split_loss(self.loss_fn(self.model, batch))
+        except FloatingPointError as err:  # raised inside the model (e.g. a NaN output)
+            raise FloatingPointError(
+                f"at step {step} (epoch {self.state.epoch}, batch "
+                f"{self.state.batch_in_epoch}; the weights were not updated): {err}"
+            ) from err
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)

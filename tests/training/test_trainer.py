@@ -58,6 +58,34 @@ def test_non_finite_loss_raises_without_updating(tmp_path):
     assert trainer.state.step == 2
 
 
+def test_floating_point_error_inside_the_model_names_the_step(tmp_path):
+    """A FloatingPointError raised by the model (e.g. training_loss finding a NaN denoiser
+    output) reaches the user with the Trainer's step, epoch and batch added."""
+    seed_all(0)
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise FloatingPointError("the denoiser returned NaN for 2 of 8 samples")
+        return model.training_loss(batch)
+
+    trainer = make_trainer(None, max_steps=10, loss_fn=loss_fn)
+    with pytest.raises(FloatingPointError, match=r"^at step 4 \(epoch .*NaN for 2 of 8") as err:
+        trainer.fit()
+    assert isinstance(err.value.__cause__, FloatingPointError)
+    assert trainer.state.step == 3
+    # negative control: other errors pass through unchanged
+    calls["n"] = 0
+
+    def broken(model, batch):
+        raise ValueError("bad batch")
+
+    trainer = make_trainer(None, max_steps=10, loss_fn=broken)
+    with pytest.raises(ValueError, match="^bad batch$"):
+        trainer.fit()
+
+
 def test_max_seconds_stops(tmp_path):
     seed_all(0)
 
