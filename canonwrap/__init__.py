@@ -14,6 +14,7 @@ from canonwrap.canonicalizers import (
     frozen,
 )
 from canonwrap.diffusion import CanonicalizedDiffusion, LossOutput, NLLOutput
+from canonwrap.flow import CanonicalizedFlowMatching, FlowNLLOutput
 from canonwrap.molecules import MoleculeSpace, NodeCountDistribution
 from canonwrap.samplers import AncestralSampler, DDIMSampler, DPMSolverSampler, Sampler
 from canonwrap.schedules import CosineSchedule, NoiseSchedule, PolynomialSchedule
@@ -24,6 +25,8 @@ __all__ = [
     "CanonicalizedDiffusion",
     "LossOutput",
     "NLLOutput",
+    "CanonicalizedFlowMatching",
+    "FlowNLLOutput",
     "Canonicalizer",
     "CanonOutput",
     "Identity",

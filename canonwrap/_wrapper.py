@@ -329,6 +329,54 @@ class CanonicalizedModel(nn.Module):
             f"overflowed{_scale_note(space.state(data), always=True)}"
         )
 
+    def _regression_loss(
+        self,
+        data: Any,
+        space: Space,
+        canon: CanonOutput,
+        x: State,
+        target: State,
+        pred: State,
+        t: Tensor,
+    ) -> Any:
+        """The ``LossOutput`` of a regression of ``pred`` on ``target`` at times ``t [B]``.
+
+        Squared error per dimension of each sample, averaged over the batch, plus the
+        canonicalizer's prior loss; checked for non-finite values (``x``: the canonical
+        state).
+        """
+        from canonwrap.diffusion import LossOutput  # defined there, where it is documented
+
+        template = canon.canonical
+        sq = space.sum_per_sample(tuple((a - b) ** 2 for a, b in zip(target, pred)), template)
+        per_sample = sq / space.loss_dims(template).to(sq)
+        denoising = per_sample.mean()
+        loss = denoising
+        terms = {"denoising": denoising.detach()}
+        if canon.prior_loss is not None:
+            loss = loss + canon.prior_loss
+            terms["prior"] = canon.prior_loss.detach()
+        self._require_finite(
+            "training_loss",
+            "the loss",
+            loss,
+            space,
+            data,
+            template,
+            canonical=x,
+            eps_hat=pred,
+            steps=t,
+            prior=canon.prior_loss,
+        )
+        return LossOutput(
+            loss=loss,
+            denoising=denoising,
+            per_sample=per_sample,
+            t=t,
+            prior=canon.prior_loss,
+            terms=terms,
+        )
+
     def _sample_device(self, device: Any) -> Any:
         """``device`` or the device of the parameters (CPU without parameters)."""
         if device is None:

@@ -36,7 +36,9 @@ __all__ = ["CanonicalizedDiffusion", "LossOutput", "NLLOutput"]
 @dataclass
 class LossOutput:
     """Result of
-    [`CanonicalizedDiffusion.training_loss`][canonwrap.diffusion.CanonicalizedDiffusion.training_loss].
+    [`CanonicalizedDiffusion.training_loss`][canonwrap.diffusion.CanonicalizedDiffusion.training_loss]
+    and of
+    [`CanonicalizedFlowMatching.training_loss`][canonwrap.flow.CanonicalizedFlowMatching.training_loss].
 
     Attributes
     ----------
@@ -47,7 +49,8 @@ class LossOutput:
     per_sample
         Mean squared error per dimension of each sample, ``[B]``.
     t
-        Integer steps drawn, ``[B]``.
+        Times drawn, ``[B]``: integer steps for diffusion, flow times in ``[0, 1]`` for
+        [`CanonicalizedFlowMatching`][canonwrap.flow.CanonicalizedFlowMatching].
     prior
         The canonicalizer's prior loss (``None`` if it has none).
     terms
@@ -193,34 +196,7 @@ class CanonicalizedDiffusion(CanonicalizedModel):
         eps = space.noise(x, template, generator)
         z = self._noisy(space, x, eps, steps, template)
         eps_hat = self._predict(space, z, template, steps)
-        sq = space.sum_per_sample(tuple((e - h) ** 2 for e, h in zip(eps, eps_hat)), template)
-        per_sample = sq / space.loss_dims(template).to(sq)
-        denoising = per_sample.mean()
-        loss = denoising
-        terms = {"denoising": denoising.detach()}
-        if canon.prior_loss is not None:
-            loss = loss + canon.prior_loss
-            terms["prior"] = canon.prior_loss.detach()
-        self._require_finite(
-            "training_loss",
-            "the loss",
-            loss,
-            space,
-            data,
-            template,
-            canonical=x,
-            eps_hat=eps_hat,
-            steps=steps,
-            prior=canon.prior_loss,
-        )
-        return LossOutput(
-            loss=loss,
-            denoising=denoising,
-            per_sample=per_sample,
-            t=steps,
-            prior=canon.prior_loss,
-            terms=terms,
-        )
+        return self._regression_loss(data, space, canon, x, eps, eps_hat, steps)
 
     def forward(self, data: Any, generator: torch.Generator | None = None) -> LossOutput:
         """The training loss: the same as

@@ -1,0 +1,269 @@
+"""CanonicalizedFlowMatching: the path, the exact likelihood against closed forms, training,
+sampling and the input checks it shares with CanonicalizedDiffusion."""
+
+import math
+
+import pytest
+import torch
+from flow_matching.path import AffineProbPath
+from flow_matching.path.scheduler import CosineScheduler
+from torch import nn
+
+from canonwrap import CanonicalizedFlowMatching
+from canonwrap.canonicalizers import CenterOfMass, PCACanonicalizer
+from canonwrap.data.toy import pairwise_distances, rotated_shapes
+from canonwrap.molecules import MoleculeSpace, NodeCountDistribution
+from canonwrap.spaces import PointCloudSpace
+from tests.test_diffusion import PointMLP
+
+torch.set_num_threads(1)
+
+
+def _point_batch(sizes, features=0, scale=1.0, seed=0, dtype=torch.float64):
+    """Ragged point clouds, positions Gaussian (std ``scale``) projected to zero CoM."""
+    from torch_geometric.data import Batch, Data
+
+    gen = torch.Generator().manual_seed(seed)
+    graphs = []
+    for n in sizes:
+        pos = scale * torch.randn(n, 3, generator=gen, dtype=dtype)
+        fields = {"pos": pos - pos.mean(0)}
+        if features:
+            fields["x"] = scale * torch.randn(n, features, generator=gen, dtype=dtype)
+        graphs.append(Data(**fields))
+    return Batch.from_data_list(graphs)
+
+
+class GaussianVelocity(nn.Module):
+    """The exact CondOT marginal velocity for data ``N(mu, s^2 I)`` and noise ``N(0, I)``.
+
+    ``p_t = N(t mu, (t^2 s^2 + (1 - t)^2) I)``, so
+    ``u_t(x) = mu + (t s^2 - (1 - t)) / (t^2 s^2 + (1 - t)^2) (x - t mu)``. The network's
+    time input is ``1 - t``. Point clouds: ``mu = 0`` for positions and features.
+    """
+
+    def __init__(self, s, mu=None):
+        super().__init__()
+        self.s, self.mu = s, mu
+
+    def velocity(self, z, t):
+        var = t**2 * self.s**2 + (1 - t) ** 2
+        mu = 0.0 if self.mu is None else self.mu
+        return mu + (t * self.s**2 - (1 - t)) / var * (z - t * mu)
+
+    def forward(self, z, t_net):
+        t = 1 - t_net
+        if isinstance(z, torch.Tensor):
+            return self.velocity(z, t[:, None])
+        t_node = t[z.batch][:, None]
+        v_pos = self.velocity(z.pos, t_node)
+        v_x = self.velocity(z.x, t_node) if getattr(z, "x", None) is not None else None
+        return v_pos, v_x
+
+
+# ---------------------------------------------------------------------- the path
+def test_condot_interpolation_is_t_x1_plus_1_minus_t_x0_per_graph():
+    data = _point_batch([3, 5, 4], features=2)
+    model = CanonicalizedFlowMatching(nn.Identity(), space=PointCloudSpace(num_features=2))
+    space = model.space
+    x1 = space.state(data)
+    gen = torch.Generator().manual_seed(0)
+    x0 = space.noise(x1, data, gen)
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    xt, dxt = model._interpolate(space, x0, x1, t, data)
+    tn = t[data.batch][:, None]
+    for a, b, z, v in zip(x0, x1, xt, dxt):
+        assert torch.allclose(z, tn * b + (1 - tn) * a, atol=1e-14)
+        assert torch.allclose(v, b - a, atol=1e-14)
+    # the noise (and so x_t) stays on the zero centre-of-mass subspace of each graph
+    com = torch.zeros(3, 3, dtype=torch.float64).index_add_(0, data.batch, xt[0])
+    assert com.abs().max() < 1e-12
+    # negative control: another schedule gives another x_t
+    cosine = CanonicalizedFlowMatching(nn.Identity(), path=AffineProbPath(CosineScheduler()))
+    xt_cos, _ = cosine._interpolate(space, x0, x1, t, data)
+    assert (xt_cos[0] - xt[0]).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------------- exact likelihood
+def _gaussian_reference(x, mu, s):
+    d = x.shape[1]
+    return 0.5 * ((x - mu) ** 2).sum(1) / s**2 + 0.5 * d * math.log(2 * math.pi * s**2)
+
+
+def test_ode_nll_matches_the_analytic_gaussian_in_float64():
+    mu = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    s = 0.7
+    x = mu + s * torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = _gaussian_reference(x, mu, s)
+    out = CanonicalizedFlowMatching(GaussianVelocity(s, mu)).nll(x, atol=1e-10, rtol=1e-10)
+    assert (out.nll - ref).abs().max() < 1e-8
+    assert torch.equal(out.dims, torch.full((6,), 3.0, dtype=torch.float64))
+    assert torch.equal(out.size, torch.zeros(6, dtype=torch.float64))
+    # fixed-step midpoint and Hutchinson's estimator agree to their accuracy
+    mid = CanonicalizedFlowMatching(GaussianVelocity(s, mu)).nll(x, method="midpoint", steps=200)
+    assert (mid.nll - ref).abs().max() < 1e-4
+    torch.manual_seed(1)
+    hutch = CanonicalizedFlowMatching(GaussianVelocity(s, mu)).nll(
+        x, exact_divergence=False, atol=1e-9, rtol=1e-9
+    )
+    assert (hutch.nll - ref).abs().max() < 1e-6
+    # negative control: the velocity of another Gaussian gives a clearly different value
+    wrong = CanonicalizedFlowMatching(GaussianVelocity(1.5 * s, mu)).nll(x, atol=1e-10, rtol=1e-10)
+    assert (wrong.nll - ref).abs().min() > 0.1
+
+
+def test_point_cloud_nll_lives_on_the_zero_com_subspace_with_the_size_term():
+    s = 0.6
+    sizes = [3, 5, 4]
+    data = _point_batch(sizes, features=1, scale=s)
+    counts = NodeCountDistribution({3: 1, 4: 2, 5: 1})
+    space = PointCloudSpace(num_features=1, node_counts=counts)
+    model = CanonicalizedFlowMatching(GaussianVelocity(s), space=space)
+    out = model.nll(data, atol=1e-10, rtol=1e-10)
+    n = torch.tensor(sizes, dtype=torch.float64)
+    dims = (n - 1) * 3 + n * 1
+    assert torch.equal(out.dims, dims)
+    sq = torch.zeros(3, dtype=torch.float64).index_add_(
+        0, data.batch, (data.pos**2).sum(1) + (data.x**2).sum(1)
+    )
+    ref = 0.5 * sq / s**2 + 0.5 * dims * math.log(2 * math.pi * s**2)
+    assert (out.flow - ref).abs().max() < 1e-8
+    assert torch.allclose(out.size, -counts.log_prob(n.long()).double())
+    assert torch.allclose(out.nll, out.flow + out.size)
+    # negative control: counting all 3n position dimensions would be off by 1.5 log(2 pi s^2)
+    full = 0.5 * sq / s**2 + 0.5 * (n * 4) * math.log(2 * math.pi * s**2)
+    assert (out.flow - full).abs().min() > 1.0
+
+
+def test_nll_refuses_discrete_molecule_features():
+    data = _point_batch([3], features=6)
+    model = CanonicalizedFlowMatching(GaussianVelocity(1.0), space=MoleculeSpace())
+    with pytest.raises(NotImplementedError, match="discrete parts"):
+        model.nll(data)
+
+
+# ---------------------------------------------------------------------- sampling
+def test_sampling_the_exact_velocity_gives_the_gaussian():
+    mu = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    model = CanonicalizedFlowMatching(GaussianVelocity(0.7, mu))
+    gen = torch.Generator().manual_seed(0)
+    x = model.sample(20_000, shape=(3,), dtype=torch.float64, method="dopri5", generator=gen)
+    assert (x.mean(0) - mu).abs().max() < 0.03
+    assert (x.std(0) - 0.7).abs().max() < 0.02
+    # negative control: the velocity of another Gaussian lands elsewhere
+    other = CanonicalizedFlowMatching(GaussianVelocity(1.4, mu))
+    y = other.sample(20_000, shape=(3,), dtype=torch.float64, method="dopri5", generator=gen)
+    assert (y.std(0) - 0.7).abs().min() > 0.5
+
+
+def _train(model, steps, gen, batch=64, lr=3e-3):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = model.training_loss(rotated_shapes(batch, generator=gen), generator=gen).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _held_out(model):
+    gen = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        data = rotated_shapes(512, generator=gen)
+        return float(model.training_loss(data, generator=gen).loss)
+
+
+def test_training_lowers_the_loss_and_samples_keep_zero_com():
+    torch.manual_seed(0)
+    model = CanonicalizedFlowMatching(
+        PointMLP(5), PCACanonicalizer(), space=PointCloudSpace(num_features=0)
+    )
+    before = _held_out(model)
+    _train(model, 150, torch.Generator().manual_seed(0))
+    after = _held_out(model)
+    assert after < 0.5 * before, (before, after)
+
+    gen = torch.Generator().manual_seed(3)
+    samples = model.sample(num_nodes=[5] * 64, steps=20, generator=gen, randomize_pose=True)
+    assert samples.pos.shape == (320, 3) and samples.num_graphs == 64
+    com = samples.pos.reshape(64, 5, 3).mean(1)
+    assert com.abs().max() < 1e-5
+    # the shape is learnt: the sorted pairwise distances are near the data's
+    got = pairwise_distances(samples.pos, samples.batch, 5).median(0).values
+    ref_data = rotated_shapes(64, generator=torch.Generator().manual_seed(4))
+    ref = pairwise_distances(ref_data.pos, ref_data.batch, 5).median(0).values
+    assert (got - ref).abs().max() < 0.35, (got, ref)
+
+
+def test_the_denoiser_sees_canonical_poses_and_random_poses_are_rotations():
+    seen = []
+
+    class Recorder(PointMLP):
+        def forward(self, z, t):
+            seen.append(z.pos.detach().clone())
+            return super().forward(z, t)
+
+    data = rotated_shapes(8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    from canonwrap.groups import SO3
+
+    rotated = SO3().act(
+        SO3().random(8, generator=torch.Generator().manual_seed(1), dtype=torch.float64), data
+    )
+    for canon, same in ((PCACanonicalizer(), True), (CenterOfMass(), False)):
+        seen.clear()
+        model = CanonicalizedFlowMatching(Recorder(5), canon).double()
+        a = model.training_loss(data, generator=torch.Generator().manual_seed(2))
+        b = model.training_loss(rotated, generator=torch.Generator().manual_seed(2))
+        assert torch.allclose(seen[0], seen[1], atol=1e-9) is same
+        assert torch.allclose(a.loss, b.loss, atol=1e-9) is same
+        assert a.t.min() >= 0 and a.t.max() <= 1
+
+    # randomize_pose: the same draw, rotated per sample (distances kept, poses changed)
+    model = CanonicalizedFlowMatching(PointMLP(5), PCACanonicalizer())
+    model.training_loss(rotated_shapes(4, generator=torch.Generator().manual_seed(0)))
+    plain = model.sample(num_nodes=[5] * 4, steps=4, generator=torch.Generator().manual_seed(5))
+    posed = model.sample(
+        num_nodes=[5] * 4, steps=4, generator=torch.Generator().manual_seed(5), randomize_pose=True
+    )
+    assert torch.allclose(
+        pairwise_distances(plain.pos, plain.batch, 5),
+        pairwise_distances(posed.pos, posed.batch, 5),
+        atol=1e-4,
+    )
+    assert (plain.pos - posed.pos).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------------- input checks
+def test_input_errors_are_as_clear_as_diffusion():
+    from torch_geometric.data import Data
+
+    model = CanonicalizedFlowMatching(PointMLP(5))
+    with pytest.raises(TypeError, match="CanonicalizedFlowMatching takes one batch"):
+        model.training_loss([Data(pos=torch.randn(5, 3))])
+
+    class TwoArgs(nn.Module):
+        def forward(self, z):
+            return z
+
+    with pytest.raises(TypeError, match=r"called as denoiser\(z_t, t\)"):
+        CanonicalizedFlowMatching(TwoArgs()).training_loss(torch.randn(4, 3))
+
+    class Nan(nn.Module):
+        def forward(self, z, t):
+            return z * float("nan")
+
+    with pytest.raises(FloatingPointError, match="velocity predictions.*flow time"):
+        CanonicalizedFlowMatching(Nan()).training_loss(torch.randn(4, 3))
+    with pytest.raises(FloatingPointError, match="velocity predictions, first at flow time"):
+        CanonicalizedFlowMatching(Nan()).sample(2, shape=(3,), steps=3)
+    with pytest.raises(FloatingPointError, match="velocity predictions"):
+        CanonicalizedFlowMatching(Nan()).nll(torch.randn(4, 3))
+    with pytest.raises(
+        ValueError, match="torch.float64 but the model.s parameters are torch.float32"
+    ):
+        CanonicalizedFlowMatching(nn.Linear(3, 3)).training_loss(torch.randn(4, 3).double())
+    with pytest.raises(TypeError, match="AffineProbPath"):
+        CanonicalizedFlowMatching(nn.Identity(), path=object())
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        CanonicalizedFlowMatching(GaussianVelocity(1.0)).sample(2, shape=(3,), steps=0)
+    with pytest.raises(ValueError, match="give `shape`"):
+        CanonicalizedFlowMatching(GaussianVelocity(1.0)).sample(2)
