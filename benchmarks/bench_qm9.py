@@ -263,6 +263,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(spec["device"])
     cfg = dict(OPTIMIZATION[spec["size"]])
     mcfg = preset_config(spec["size"], *SHORTHANDS[spec["model"]])
+    if spec.get("mlp_ratio") is not None:
+        mcfg.mlp_ratio = spec["mlp_ratio"]
     torch.manual_seed(spec["seed"])
     train = QM9("train", progress=False)
     node_counts = NodeCountDistribution(train.node_count_histogram())
@@ -381,6 +383,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"Command: `{report['command']}`",
         "",
         f"Sampling: {s['num_molecules']} molecules per batch, sampler {s['sampler_repr']}. "
+        + (f"Transformer feed-forward ratio {s['mlp_ratio']}. " if s.get("mlp_ratio") else "")
+        +
         f"Training: batch size {s['batch_size'] or 'of the preset'}, {s['train_steps']} timed "
         f"steps. Times are medians of {s['repeats']} repeats; memory is the peak above the "
         "memory in use before the phase (MiB). Ratios divide by EDM at the same size.",
@@ -474,6 +478,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--mlp-ratio",
+        type=float,
+        default=None,
+        help="feed-forward width of the transformer models relative to their width "
+        "(default: the presets' 4)",
+    )
+    p.add_argument(
         "--out",
         default=None,
         help="folder for bench_qm9.json and bench_qm9.md (default benchmarks/results/qm9-<device>)",
@@ -533,6 +544,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "device": str(device),
                     "threads": threads,
                     "seed": args.seed,
+                    "mlp_ratio": args.mlp_ratio,
                     "measure_memory": isolate or device.type == "cuda",
                 }
                 start = time.perf_counter()
@@ -577,6 +589,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "batch_size": args.batch_size,
             "repeats": args.repeats,
             "seed": args.seed,
+            "mlp_ratio": args.mlp_ratio,
             "isolated_processes": isolate,
         },
         "results": results,

@@ -106,6 +106,8 @@ class QM9ModelConfig:
         Attention heads (transformer only).
     distance_bias : bool
         Pairwise-distance attention bias (transformer only).
+    mlp_ratio : float
+        Feed-forward width of the transformer's blocks relative to ``hidden``.
     canon_hidden : int
         Width and depth of the learned EGNN canonicalizer.
     canon_layers : int
@@ -123,6 +125,7 @@ class QM9ModelConfig:
     layers: int = 4
     heads: int = 4
     distance_bias: bool = True
+    mlp_ratio: float = 4.0
     canon_hidden: int = 32
     canon_layers: int = 3
     anchor_weight: float = 0.1
@@ -195,6 +198,7 @@ def _denoiser(cfg: QM9ModelConfig, num_features: int) -> nn.Module:
             hidden=cfg.hidden,
             layers=cfg.layers,
             heads=cfg.heads,
+            mlp_ratio=cfg.mlp_ratio,
             distance_bias=cfg.distance_bias,
         )
     raise ValueError(f"unknown denoiser {cfg.denoiser!r}; choose one of {', '.join(DENOISERS)}")

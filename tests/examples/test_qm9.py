@@ -118,3 +118,16 @@ def test_sampling_skips_a_newer_checkpoint_that_fails_verification(example, tmp_
         for k, v in reference.state_dict().items()
         if torch.is_tensor(v)
     )
+
+
+def test_mlp_ratio_reaches_the_transformer_and_survives_reloading(example, tmp_path):
+    from canonwrap.evaluation import load_qm9_run
+
+    qm9 = example("qm9")
+    out = tmp_path / "run"
+    qm9.main(["train", "--model", "pca-transformer", "--out", str(out), "--max-steps", "1",
+              "--mlp-ratio", "2", *TRAIN])
+    model, cfg = load_qm9_run(out)
+    assert cfg["mlp_ratio"] == 2.0 and cfg["model_config"]["mlp_ratio"] == 2.0
+    widths = {block.mlp[0].out_features for block in model.denoiser.blocks}
+    assert widths == {2 * 8}  # --hidden 8 in TRAIN; the default ratio 4 would give 32
