@@ -60,13 +60,14 @@ from flow_matching.path import AffineProbPath, CondOTProbPath
 from flow_matching.solver import ODESolver
 from torch import Tensor, nn
 
+from canonwrap._couplings import AlignedPrior
 from canonwrap._wrapper import CanonicalizedModel, _all_finite
 from canonwrap.canonicalizers.base import Canonicalizer
 from canonwrap.diffusion import LossOutput
 from canonwrap.pointclouds import graph_index, is_point_cloud, nodes_per_graph
 from canonwrap.spaces import PointCloudSpace, Space, State, TensorSpace
 
-__all__ = ["CanonicalizedFlowMatching", "FlowNLLOutput", "FIXED_STEP_METHODS"]
+__all__ = ["CanonicalizedFlowMatching", "FlowNLLOutput", "AlignedPrior", "FIXED_STEP_METHODS"]
 
 FIXED_STEP_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
 """``torchdiffeq`` methods run on a grid of ``steps`` equal steps; the others (``dopri5``,
@@ -166,6 +167,12 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         ``AffineProbPath(scheduler=CosineScheduler())`` and the like.
     space
         How the data is laid out; default chosen from the data (point cloud or tensor).
+    coupling
+        How noise is paired with data in training: ``None`` draws them independently; an
+        [`AlignedPrior`][canonwrap.flow.AlignedPrior] (or any callable
+        ``coupling(x0, x1, space, template) -> x0``, states of ``space``) moves each noise
+        sample towards its canonical data before interpolating (no gradient flows through
+        the pairing). Sampling always starts from ``N(0, I)``.
 
     Examples
     --------
@@ -193,9 +200,11 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         canonicalizer: Canonicalizer | None = None,
         path: AffineProbPath | None = None,
         space: Space | None = None,
+        coupling: AlignedPrior | None = None,
     ) -> None:
         super().__init__(denoiser, canonicalizer, space)
         self.path = path if path is not None else CondOTProbPath()
+        self.coupling = coupling
         if not isinstance(self.path, AffineProbPath):
             raise TypeError(
                 f"path must be a flow_matching.path.AffineProbPath; got {type(self.path).__name__}"
@@ -257,7 +266,8 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
     def training_loss(self, data: Any, generator: torch.Generator | None = None) -> LossOutput:
         """Conditional flow matching on the canonical pose (gradients reach both networks).
 
-        ``t ~ U(0, 1)``, ``x_0`` Gaussian noise on the data's subspace, ``x_t`` and the
+        ``t ~ U(0, 1)``, ``x_0`` Gaussian noise on the data's subspace (re-paired by
+        ``coupling`` if the model has one), ``x_t`` and the
         target velocity from ``path``; the loss is the squared error per dimension of the
         predicted velocity (``per_sample``, averaged as ``denoising``) plus the
         canonicalizer's prior loss.
@@ -289,6 +299,9 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         b = space.num_samples(template)
         t = torch.rand(b, generator=generator, dtype=x1[0].dtype).to(x1[0].device)
         x0 = space.noise(x1, template, generator)
+        if self.coupling is not None:
+            with torch.no_grad():
+                x0 = self.coupling(x0, tuple(c.detach() for c in x1), space, template)
         xt, target = self._interpolate(space, x0, x1, t, template)
         v_hat = self._velocity(space, xt, template, t)
         return self._regression_loss(data, space, canon, x1, target, v_hat, t)
