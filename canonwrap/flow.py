@@ -40,12 +40,16 @@ entries have zero velocity and do not enter the network, so they add nothing to 
 divergence. ``compute_likelihood`` draws its Hutchinson probe with the global RNG (no
 generator): seed ``torch.manual_seed`` for a reproducible estimate.
 
-**Likelihood of discrete features.** [`MoleculeSpace`][canonwrap.molecules.MoleculeSpace]
-scores atom types and charges with EDM's discretized decoder at ``t = 0`` of the diffusion;
-a deterministic flow has no such decoding step, and a dequantized or variational treatment
-of the one-hot block is not implemented yet: ``nll`` raises ``NotImplementedError`` for
-spaces with discrete parts. Tensors and point clouds with continuous features get the exact
-density on their subspace, plus ``-log p(N)`` when the space has ``node_counts``.
+**Likelihood of discrete features.** A deterministic flow has no decoding step of its own,
+so for spaces with discrete parts ([`MoleculeSpace`][canonwrap.molecules.MoleculeSpace]:
+one-hot atom types and integer charges, relaxed to continuous features) ``nll`` is the
+variational bound of VDM/EDM with the diffusion part replaced by the flow's exact density:
+the data is noised by the path's own conditional to ``z`` at flow time ``1 - decode_at``,
+``z`` is scored exactly by the ODE, and the same decoder as
+[`CanonicalizedDiffusion.nll`][canonwrap.diffusion.CanonicalizedDiffusion.nll]'s
+reconstruction term (EDM's discretized likelihood for types and charges, a Gaussian for
+positions) scores the data given ``z``, plus ``-log p(N)``; the two NLLs then count the same
+subspace, features and size. Continuous tensors and point clouds get the exact density.
 """
 
 from __future__ import annotations
@@ -79,13 +83,19 @@ FIXED_STEP_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
 class FlowNLLOutput:
     """Exact ``-log p(x)`` per sample through the ODE, in nats (``[B]`` each).
 
-    ``nll = flow + size``: ``flow = -log p_1(c(x))``, the density of the continuous state of
-    the canonical pose on its subspace (change of variables along the ODE), and ``size``
-    ``= -log p(N)`` (zero without ``node_counts``); ``dims`` is the subspace dimension.
+    ``nll = flow + dequantization + reconstruction + size``. Continuous data: ``flow =
+    -log p_1(c(x))``, the exact density of the canonical pose's state on its subspace (change
+    of variables along the ODE), the next two terms zero. Spaces with discrete parts (see
+    [`CanonicalizedFlowMatching.nll`][canonwrap.flow.CanonicalizedFlowMatching.nll]):
+    ``flow = -log p_T(z)`` at ``T = 1 - decode_at``, ``dequantization = log q(z | x)`` (its
+    expectation) and ``reconstruction = -log p(x | z)``, a bound. ``size = -log p(N)`` (zero
+    without ``node_counts``); ``dims`` is the subspace dimension.
     """
 
     nll: Tensor
     flow: Tensor
+    dequantization: Tensor
+    reconstruction: Tensor
     size: Tensor
     dims: Tensor
 
@@ -229,15 +239,23 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
             dxt.append(out.dx_t)
         return tuple(xt), tuple(dxt)
 
-    def _solver(self, space: Space, template: Any, packer: _Packer, bad: list) -> ODESolver:
-        """An ``ODESolver`` over packed states; ``bad[0]`` keeps the first non-finite time."""
+    def _solver(
+        self, space: Space, template: Any, packer: _Packer, bad: list, end: float = 1.0
+    ) -> ODESolver:
+        """An ``ODESolver`` over packed states; ``bad[0]`` keeps the first non-finite time.
+
+        ``end < 1``: the solver's time ``s`` in ``[0, 1]`` is flow time ``end * s``
+        (the velocity is scaled by ``end``), so that ``compute_likelihood``, which
+        integrates from ``s = 1``, gives the density at flow time ``end``.
+        """
         b = packer.b
 
-        def velocity(x: Tensor, t: Tensor) -> Tensor:
-            v = self._velocity(space, packer.unpack(x), template, t.to(x).expand(b))
+        def velocity(x: Tensor, t: Tensor) -> Tensor:  # t: the solver's time
+            flow_t = end * t.to(x)
+            v = self._velocity(space, packer.unpack(x), template, flow_t.expand(b))
             found = (bad[0] < 0) & ~_all_finite(v)
-            bad[0] = torch.where(found, t.to(bad[0]), bad[0])
-            return packer.pack(v)
+            bad[0] = torch.where(found, flow_t.to(bad[0]), bad[0])
+            return end * packer.pack(v)
 
         return ODESolver(velocity_model=velocity)
 
@@ -415,16 +433,29 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         atol: float = 1e-5,
         rtol: float = 1e-5,
         exact_divergence: bool | None = None,
+        decode_at: float | None = None,
+        generator: torch.Generator | None = None,
     ) -> FlowNLLOutput:
-        """Exact ``-log p(x)`` in nats per sample by the instantaneous change of variables.
+        """``-log p(x)`` in nats per sample by the instantaneous change of variables.
 
         The canonical pose ``x_1 = c(x)`` is carried back to noise by the ODE while
-        ``int_0^1 div v(x_t, t) dt`` is accumulated (``flow_matching``'s
+        ``int div v(x_t, t) dt`` is accumulated (``flow_matching``'s
         ``ODESolver.compute_likelihood``); then
         ``log p_1(x_1) = log N(x_0; 0, I) - int_0^1 div v dt``, on the data's subspace
         (point clouds: ``(n - 1) * 3 + n * F`` dimensions, the same count as
         [`CanonicalizedDiffusion.nll`][canonwrap.diffusion.CanonicalizedDiffusion.nll]).
         As for diffusion, a canonicalized model's density is that of canonical poses.
+
+        Spaces with discrete parts ([`MoleculeSpace`][canonwrap.molecules.MoleculeSpace])
+        get a variational bound with the diffusion NLL's decoder instead: at flow time
+        ``T = 1 - decode_at``, ``z = alpha_T x_1 + sigma_T eps`` (the path's own
+        conditional), and
+        ``nll = -log p_T(z) + log q(z | x) - log p(x | z) - log p(N)``, where ``p_T`` is
+        the flow's exact density at ``T`` (ODE from ``T`` to 0), ``E log q(z | x) =
+        -d/2 (1 + log 2 pi sigma_T^2)`` and ``p(x | z)`` is the space's decoder
+        (``reconstruction_nll``, EDM's discretized one for atom types and charges) at
+        ``gamma_0 = log(sigma_T^2 / alpha_T^2)``, with the noise predicted from the
+        network's velocity. One draw of ``eps`` per sample.
 
         Parameters
         ----------
@@ -442,24 +473,33 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
             ``True``: the divergence by one backward pass per dimension (exact);
             ``False``: Hutchinson's estimator with one Rademacher probe (unbiased, drawn
             from the global RNG); ``None``: exact up to 64 packed dimensions per sample.
+        decode_at
+            Flow-time distance ``1 - T`` from the data at which the decoder takes over;
+            default ``1e-3`` for spaces with discrete parts and ``0`` (the exact density of
+            continuous data, no decoder) otherwise.
+        generator
+            Optional generator for ``eps`` (``decode_at > 0`` only).
+
+        Returns
+        -------
+        FlowNLLOutput
+            ``nll = flow + dequantization + reconstruction + size`` per sample.
 
         Raises
         ------
-        NotImplementedError
-            For spaces with discrete parts (such as
-            [`MoleculeSpace`][canonwrap.molecules.MoleculeSpace]), see the module notes.
         ValueError
-            When the space has ``node_counts`` and a sample's size has probability zero.
+            When the space has ``node_counts`` and a sample's size has probability zero, or
+            ``decode_at`` is outside ``[0, 1)`` (or zero for a space with discrete parts).
         FloatingPointError
             When the result is not finite, naming the culprit.
         """
         space = self._checked_space(data)
-        if type(space).reconstruction_nll is not Space.reconstruction_nll:
-            raise NotImplementedError(
-                f"CanonicalizedFlowMatching.nll: {type(space).__name__} has discrete parts "
-                "(its own decoder, reconstruction_nll), which the flow's continuous density "
-                "does not score yet; the exact likelihood covers TensorSpace and "
-                "PointCloudSpace with continuous features"
+        discrete = type(space).reconstruction_nll is not Space.reconstruction_nll
+        gap = (1e-3 if discrete else 0.0) if decode_at is None else float(decode_at)
+        if not 0.0 <= gap < 1.0 or (discrete and gap == 0.0):
+            raise ValueError(
+                f"decode_at must be in [0, 1) (and > 0 for {type(space).__name__}, whose "
+                f"discrete parts need the decoder); got {decode_at}"
             )
         counts = getattr(space, "node_counts", None)
         if counts is not None and is_point_cloud(data):
@@ -473,8 +513,56 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         # a non-finite canonical pose is named before the solver trips over it
         total = space.sum_per_sample(x1, template)
         self._require_finite("nll", "the state", total, space, data, template, canonical=x1)
-        packer = _Packer(space, template, x1)
-        packed = packer.pack(x1)
+        zero = torch.zeros_like(dims)
+        dequantization, reconstruction, z = zero, zero, x1
+        if gap > 0:
+            t_end = torch.full((space.num_samples(template),), 1.0 - gap, dtype=dtype)
+            out = self.path.scheduler(t_end.to(device))
+            alpha, sigma = out.alpha_t, out.sigma_t
+            eps = space.noise(x1, template, generator)
+            a_rows = space.expand(alpha, x1, template)
+            s_rows = space.expand(sigma, x1, template)
+            z = tuple(a * x + s * e for a, x, s, e in zip(a_rows, x1, s_rows, eps))
+        flow = self._ode_nll(
+            space, data, template, z, dims, 1.0 - gap, method, steps, atol, rtol, exact_divergence
+        )
+        if gap > 0:
+            dequantization = -0.5 * dims * (1 + torch.log(2 * math.pi * sigma**2))
+            with torch.no_grad():
+                v = self._velocity(space, z, template, t_end.to(device))
+            t_rows = space.expand(t_end.to(device), z, template)
+            eps_hat = tuple(
+                self.path.velocity_to_epsilon(vi, zi, ti) for vi, zi, ti in zip(v, z, t_rows)
+            )
+            gamma0 = torch.log(sigma**2 / alpha**2)
+            reconstruction = space.reconstruction_nll(x1, eps, eps_hat, gamma0, template)
+            self._require_finite(
+                "nll",
+                "the decoder term -log p(x | z)",
+                reconstruction,
+                space,
+                data,
+                template,
+                eps_hat=v,
+                steps=t_end,
+            )
+        size = space.size_nll(template).to(device=device, dtype=dtype)
+        return FlowNLLOutput(
+            nll=flow + dequantization + reconstruction + size,
+            flow=flow,
+            dequantization=dequantization,
+            reconstruction=reconstruction,
+            size=size,
+            dims=dims,
+        )
+
+    def _ode_nll(
+        self, space, data, template, z, dims, end, method, steps, atol, rtol, exact_divergence
+    ) -> Tensor:
+        """``-log p_end(z)`` per sample: the flow's density at flow time ``end``."""
+        dtype, device = z[0].dtype, z[0].device
+        packer = _Packer(space, template, z)
+        packed = packer.pack(z)
         if exact_divergence is None:
             exact_divergence = packed.shape[1] <= 64
 
@@ -485,7 +573,7 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         step_size, grid = self._grid(method, steps, 1.0, 0.0, packed)
         try:
             with _default_dtype(dtype):
-                _, log_p = self._solver(space, template, packer, bad).compute_likelihood(
+                _, log_p = self._solver(space, template, packer, bad, end).compute_likelihood(
                     x_1=packed,
                     log_p0=log_p0,
                     step_size=step_size,
@@ -500,6 +588,5 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
             raise
         flow = -log_p.to(dtype)
         self._raise_if_denoiser_failed("nll", bad)
-        self._require_finite("nll", "-log p(x)", flow, space, data, template, canonical=x1)
-        size = space.size_nll(template).to(device=device, dtype=dtype)
-        return FlowNLLOutput(nll=flow + size, flow=flow, size=size, dims=dims)
+        self._require_finite("nll", "-log p(x)", flow, space, data, template, canonical=z)
+        return flow
