@@ -183,6 +183,12 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         ``coupling(x0, x1, space, template) -> x0``, states of ``space``) moves each noise
         sample towards its canonical data before interpolating (no gradient flows through
         the pairing). Sampling always starts from ``N(0, I)``.
+    canonical_noise
+        Put every noise sample in its canonical pose with the model's canonicalizer
+        (without gradient), in training and in sampling alike: the flow then runs between
+        canonical noise and canonical data, and the start distribution stays the one the
+        sampler draws from (unlike a data-dependent ``coupling``). The density of such a
+        model lives on the canonical poses only, so ``nll`` refuses it.
 
     Examples
     --------
@@ -211,10 +217,12 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         path: AffineProbPath | None = None,
         space: Space | None = None,
         coupling: AlignedPrior | None = None,
+        canonical_noise: bool = False,
     ) -> None:
         super().__init__(denoiser, canonicalizer, space)
         self.path = path if path is not None else CondOTProbPath()
         self.coupling = coupling
+        self.canonical_noise = bool(canonical_noise)
         if not isinstance(self.path, AffineProbPath):
             raise TypeError(
                 f"path must be a flow_matching.path.AffineProbPath; got {type(self.path).__name__}"
@@ -228,6 +236,15 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         """The network's velocity at flow times ``t [B]`` on the data's subspace."""
         z = space.project(z, template)
         return self._call_denoiser(space, z, template, 1 - t.to(z[0].dtype))
+
+    def _noise(self, space: Space, like: State, template: Any, generator) -> State:
+        """Gaussian noise on the subspace, in canonical pose if ``canonical_noise``."""
+        x0 = space.noise(like, template, generator)
+        if not self.canonical_noise:
+            return x0
+        with torch.no_grad():
+            canon = self.canonicalizer(space.to_data(x0, template)).canonical
+        return tuple(c.detach() for c in space.state(canon))
 
     def _interpolate(self, space: Space, x0: State, x1: State, t: Tensor, template: Any):
         """``x_t`` and its velocity ``dx_t`` by the path, one time per row of each component."""
@@ -316,7 +333,7 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         template = canon.canonical
         b = space.num_samples(template)
         t = torch.rand(b, generator=generator, dtype=x1[0].dtype).to(x1[0].device)
-        x0 = space.noise(x1, template, generator)
+        x0 = self._noise(space, x1, template, generator)
         if self.coupling is not None:
             with torch.no_grad():
                 x0 = self.coupling(x0, tuple(c.detach() for c in x1), space, template)
@@ -404,7 +421,7 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         b = space.num_samples(template)
         like = space.state(template)
         packer = _Packer(space, template, like)
-        x0 = packer.pack(space.noise(like, template, generator))
+        x0 = packer.pack(self._noise(space, like, template, generator))
         bad = [torch.full((), -1.0, dtype=dtype, device=device)]
         step_size, grid = self._grid(method, steps, 0.0, 1.0, x0)
         try:
@@ -490,10 +507,18 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         ValueError
             When the space has ``node_counts`` and a sample's size has probability zero, or
             ``decode_at`` is outside ``[0, 1)`` (or zero for a space with discrete parts).
+        NotImplementedError
+            For a model with ``canonical_noise=True`` (see the class parameters).
         FloatingPointError
             When the result is not finite, naming the culprit.
         """
         space = self._checked_space(data)
+        if self.canonical_noise:
+            raise NotImplementedError(
+                "CanonicalizedFlowMatching.nll: with canonical_noise=True the flow starts from "
+                "canonical poses of the noise, whose density lives on the canonical poses only "
+                "(not on the data's subspace); train with canonical_noise=False for a likelihood"
+            )
         discrete = type(space).reconstruction_nll is not Space.reconstruction_nll
         gap = (1e-3 if discrete else 0.0) if decode_at is None else float(decode_at)
         if not 0.0 <= gap < 1.0 or (discrete and gap == 0.0):

@@ -12,6 +12,7 @@ from torch import nn
 from canonwrap import CanonicalizedFlowMatching
 from canonwrap.canonicalizers import CenterOfMass, PCACanonicalizer
 from canonwrap.data.toy import pairwise_distances, rotated_shapes
+from canonwrap.flow import AlignedPrior
 from canonwrap.molecules import MoleculeSpace, NodeCountDistribution
 from canonwrap.spaces import PointCloudSpace
 from tests.test_diffusion import PointMLP
@@ -347,8 +348,6 @@ def test_assignment_permutes_within_graphs_and_types():
 
 
 def test_aligned_priors_shorten_paths_and_keep_zero_com():
-    from canonwrap.flow import AlignedPrior
-
     data = rotated_shapes(400, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     space = PointCloudSpace(num_features=0)
     canon = PCACanonicalizer()(data).canonical
@@ -377,8 +376,6 @@ def test_aligned_priors_shorten_paths_and_keep_zero_com():
 
 
 def test_training_with_an_aligned_prior_uses_the_aligned_noise():
-    from canonwrap.flow import AlignedPrior
-
     seen = []
 
     class Recorder(PointMLP):
@@ -404,3 +401,50 @@ def test_training_with_an_aligned_prior_uses_the_aligned_noise():
         if prior is None:
             independent = dist
     assert dist < 0.7 * independent
+
+
+def test_the_reference_graph_denoisers_work_unchanged():
+    """canonwrap.nn's networks serve as velocity models: train step, sample, molecule NLL."""
+    from canonwrap.nn import GNNDenoiser, TransformerDenoiser
+
+    data = _molecules([3, 5, 4])
+    data.pos, data.x = data.pos.float(), data.x.float()
+    counts = NodeCountDistribution({3: 1, 4: 1, 5: 2})
+    nets = (GNNDenoiser(6, hidden=16, layers=2), TransformerDenoiser(6, hidden=16, layers=1))
+    for net in nets:
+        torch.manual_seed(0)
+        model = CanonicalizedFlowMatching(
+            net,
+            PCACanonicalizer(),
+            space=MoleculeSpace(node_counts=counts),
+            coupling=AlignedPrior(assignment=True, type_columns=slice(0, 5)),
+        )
+        out = model.training_loss(data, generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        samples = model.sample(3, steps=3, generator=torch.Generator().manual_seed(1))
+        assert samples.x.shape[1] == 6 and samples.num_graphs == 3
+        nll = model.nll(data, method="euler", steps=4, generator=torch.Generator().manual_seed(2))
+        assert torch.isfinite(nll.nll).all()
+
+
+def test_canonical_noise_is_used_in_training_and_sampling_alike():
+    class Still(nn.Module):
+        def forward(self, z, t):
+            return torch.zeros_like(z.pos)
+
+    canon = PCACanonicalizer()
+    space = PointCloudSpace(num_features=0)
+    for flag in (True, False):
+        model = CanonicalizedFlowMatching(Still(), canon, space=space, canonical_noise=flag)
+        # a zero velocity returns the start: canonical noise is already in canonical pose
+        x = model.sample(
+            num_nodes=[5] * 8,
+            steps=2,
+            dtype=torch.float64,
+            generator=torch.Generator().manual_seed(0),
+        )
+        again = canon(x).canonical.pos
+        assert torch.allclose(again, x.pos, atol=1e-9) is flag
+    with pytest.raises(NotImplementedError, match="canonical_noise"):
+        model = CanonicalizedFlowMatching(Still(), canon, space=space, canonical_noise=True)
+        model.nll(rotated_shapes(2, dtype=torch.float64))
