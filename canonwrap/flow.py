@@ -37,8 +37,13 @@ whose first dimension is the sample: the ragged ``Batch`` (``pos [N, 3]``, ``x [
 packed into ``[B, n_max * (3 + F)]`` with zero padding, and rebuilt inside the velocity
 function (the template batch, with ``batch`` and ``ptr``, is kept aside). The padding
 entries have zero velocity and do not enter the network, so they add nothing to the
-divergence. ``compute_likelihood`` draws its Hutchinson probe with the global RNG (no
-generator): seed ``torch.manual_seed`` for a reproducible estimate.
+divergence; the state is projected to zero centre of mass before the network sees it,
+so the divergence in the packed coordinates is the divergence on the subspace.
+``compute_likelihood`` draws its Hutchinson probe with the global RNG (no generator: seed
+``torch.manual_seed`` for a reproducible estimate) and in torch's default dtype (so float64
+data runs with float64 as the default for the call); it always integrates from time 1,
+so the density at an earlier flow time ``T`` (the molecule bound below) runs the solver on
+a rescaled clock ``t = T s``.
 
 **Likelihood of discrete features.** A deterministic flow has no decoding step of its own,
 so for spaces with discrete parts ([`MoleculeSpace`][canonwrap.molecules.MoleculeSpace]:
