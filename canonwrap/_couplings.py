@@ -84,10 +84,8 @@ class AlignedPrior:
     only when the data distribution is itself invariant under the rotations (or node
     permutations within types) used. Canonical poses are not rotation invariant, so with
     ``rotation=True`` the sampler's ``N(0, I)`` start differs from the training noise near
-    ``t = 0``: measure samples, not only the loss. In a small run on the toy shapes of
-    [`rotated_shapes`][canonwrap.data.toy.rotated_shapes] with a PCA canonicalizer, the
-    aligned priors shortened the paths but made the samples worse at every solver, as this
-    mismatch predicts; ``canonical_noise=True`` of
+    ``t = 0``: measure samples, not only the loss (no script in this repository measures
+    the effect on samples yet). ``canonical_noise=True`` of
     [`CanonicalizedFlowMatching`][canonwrap.flow.CanonicalizedFlowMatching] keeps the start
     distribution consistent instead.
     """
