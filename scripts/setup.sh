@@ -68,7 +68,9 @@ $VPY -c "import torch, torch_geometric, numpy; print('canonwrap environment read
 # ("operator torchvision::nms does not exist"). .venv-equiadapt holds the pair
 # torch 2.14.1 + torchvision 0.29.1 (a CUDA build, ~5.5 GB with its libraries, runs on CPU),
 # equiadapt without its declared dependencies plus the ones it imports (e2cnn, kornia,
-# omegaconf, hydra-core), and canonwrap in editable mode. tests/canonicalizers/test_equiadapt.py
+# omegaconf, hydra-core), and canonwrap in editable mode, also without its dependencies, so
+# the ones `import canonwrap` needs beyond those (flow-matching) are listed here too.
+# tests/canonicalizers/test_equiadapt.py
 # runs its tests in it through a subprocess (and skips them when it is absent).
 # Built by --tests (measured: 1-2 minutes from this machine's disk, 5.5 GB; an existing one is
 # only checked, ~15 s); CANONWRAP_EQUIADAPT=0 skips it even then.
@@ -86,7 +88,8 @@ if [ "$WITH_TESTS" = 1 ] && [ "${CANONWRAP_EQUIADAPT:-1}" != "0" ]; then
     done_step
     step "torch 2.14.1 + torchvision 0.29.1 and equiadapt's imports in $EQ (about 5.5 GB)"
     "$EPY" -m pip install --no-compile "torch==2.14.1" "torchvision==0.29.1" "numpy<2" \
-      e2cnn kornia hydra-core omegaconf "torch-geometric>=2.4" tqdm "pytest>=7" pytest-timeout
+      e2cnn kornia hydra-core omegaconf "torch-geometric>=2.4" tqdm "pytest>=7" pytest-timeout \
+      "flow-matching>=1.0.10"
     done_step
     step "equiadapt 0.1.2 (without its declared dependencies) and canonwrap (editable) in $EQ"
     "$EPY" -m pip install --no-compile --no-deps "equiadapt==0.1.2" -e .
