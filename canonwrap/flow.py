@@ -269,11 +269,17 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         ``end < 1``: the solver's time ``s`` in ``[0, 1]`` is flow time ``end * s``
         (the velocity is scaled by ``end``), so that ``compute_likelihood``, which
         integrates from ``s = 1``, gives the density at flow time ``end``.
+
+        ``torchdiffeq``'s adaptive methods (``dopri5``, ...) step past the end of the
+        interval and interpolate back, so the solver's time is clamped to ``[0, 1]``: the
+        network is never called outside its path's times (the networks of
+        [`canonwrap.nn`][canonwrap.nn] refuse times outside ``[0, 1]``); past an end the
+        velocity field is continued by its value at that end.
         """
         b = packer.b
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:  # t: the solver's time
-            flow_t = end * t.to(x)
+            flow_t = end * t.to(x).clamp(0.0, 1.0)
             v = self._velocity(space, packer.unpack(x), template, flow_t.expand(b))
             found = (bad[0] < 0) & ~_all_finite(v)
             bad[0] = torch.where(found, flow_t.to(bad[0]), bad[0])
