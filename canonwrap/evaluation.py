@@ -66,32 +66,59 @@ def heldout_loss(model: Any, loader: Iterable[Any], seed: int = 0) -> float:
     return total / count
 
 
-@torch.no_grad()
-def heldout_nll(model: Any, loader: Iterable[Any], seed: int = 0) -> dict[str, float]:
-    """Mean variational bound on ``-log p(x)`` (nats per sample) and its terms.
+#: The terms of the NLL outputs that ``heldout_nll`` averages, when the output has them:
+#: ``NLLOutput`` (diffusion) and ``FlowNLLOutput`` (flow matching).
+_NLL_TERMS = ("nll", "kl_prior", "diffusion", "flow", "dequantization", "reconstruction", "size")
 
-    Uses the model's Monte-Carlo estimate (one t per sample, fixed by ``seed``).
+
+def heldout_nll(
+    model: Any, loader: Iterable[Any], seed: int = 0, **nll_options: Any
+) -> dict[str, float]:
+    """Mean ``-log p(x)`` or its bound (nats per sample) and its terms.
+
+    Diffusion models: the model's Monte-Carlo estimate (one t per sample, fixed by
+    ``seed``). Flow-matching models: the ODE likelihood, whose noise (``generator``) and
+    Hutchinson probe (torch's global RNG) are both fixed by ``seed``; the global RNG is
+    forked for the call, so a training run's random stream is left as it was.
+
+    Parameters
+    ----------
+    model : CanonicalizedDiffusion or CanonicalizedFlowMatching
+        The model (its ``nll`` is evaluated).
+    loader : iterable
+        Batches of held-out data.
+    seed : int
+        Seed of the draws.
+    **nll_options
+        Passed to ``model.nll`` (flow matching: ``method``, ``steps``, ``atol``, ``rtol``).
 
     Returns
     -------
     dict
-        ``nll``, ``kl_prior``, ``diffusion``, ``reconstruction`` and ``size``, each the
-        mean over all samples of ``loader``, and ``nll_se``: the standard error of that
-        mean over samples (sample standard deviation / sqrt(n); it contains the spread of
-        the one-``t`` estimate as well as the spread between molecules, so it is what a
-        difference between two models' ``nll`` should be compared with).
+        ``nll`` and the terms of the model's output (diffusion: ``kl_prior``, ``diffusion``,
+        ``reconstruction``, ``size``; flow matching: ``flow``, ``dequantization``,
+        ``reconstruction``, ``size``), each the mean over all samples of ``loader``, and
+        ``nll_se``: the standard error of that mean over samples (sample standard deviation
+        / sqrt(n); it contains the spread of the one-draw estimate as well as the spread
+        between molecules, so it is what a difference between two models' ``nll`` should
+        be compared with).
     """
     gen = torch.Generator().manual_seed(seed)
     sums: dict[str, float] = {}
     values: list[torch.Tensor] = []
     count = 0
     device = _device_of(model)
-    for batch in loader:
-        out = model.nll(batch.to(device), generator=gen)
-        for key in ("nll", "kl_prior", "diffusion", "reconstruction", "size"):
-            sums[key] = sums.get(key, 0.0) + getattr(out, key).sum().item()
-        values.append(out.nll.detach().double().cpu())
-        count += out.nll.numel()
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for batch in loader:
+            with torch.no_grad():
+                out = model.nll(batch.to(device), generator=gen, **nll_options)
+            for key in _NLL_TERMS:
+                if hasattr(out, key):
+                    sums[key] = sums.get(key, 0.0) + getattr(out, key).sum().item()
+            values.append(out.nll.detach().double().cpu())
+            count += out.nll.numel()
     if count == 0:
         raise ValueError("heldout_nll: the loader yielded no samples")
     result = {k: v / count for k, v in sums.items()}

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from canonwrap._wrapper import CanonicalizedModel
 from canonwrap.canonicalizers import (
     CenterOfMass,
     EGNNCanonicalizer,
@@ -42,12 +43,17 @@ __all__ = [
     "OPTIMIZATION",
     "preset_config",
     "make_sampler",
+    "OBJECTIVES",
 ]
 
 Denoiser = Literal["gnn", "egnn", "transformer"]
 CanonName = Literal["com", "pca", "egnn", "egnn-frozen", "egnn-anchored"]
 DENOISERS: tuple[str, ...] = ("gnn", "egnn", "transformer")
 CANONICALIZERS: tuple[str, ...] = ("com", "pca", "egnn", "egnn-frozen", "egnn-anchored")
+OBJECTIVES: tuple[str, ...] = ("diffusion", "flow")
+"""Training objectives: ``"diffusion"``
+([`CanonicalizedDiffusion`][canonwrap.diffusion.CanonicalizedDiffusion]) or ``"flow"``
+([`CanonicalizedFlowMatching`][canonwrap.flow.CanonicalizedFlowMatching])."""
 SHORTHANDS: dict[str, tuple[str, str]] = {
     "gdm": ("gnn", "com"),
     "edm": ("egnn", "com"),
@@ -115,7 +121,10 @@ class QM9ModelConfig:
     anchor_weight : float
         Weight of the principal-axes prior (``"egnn-anchored"`` only).
     timesteps : int
-        Diffusion steps T of the polynomial schedule.
+        Diffusion steps T of the polynomial schedule (unused by flow matching).
+    objective : str
+        One of ``OBJECTIVES``: ``"diffusion"`` (default) or ``"flow"`` (flow matching with
+        the same denoiser, canonicalizer and molecule space, no noise schedule).
     """
 
     denoiser: str = "transformer"
@@ -130,6 +139,7 @@ class QM9ModelConfig:
     canon_layers: int = 3
     anchor_weight: float = 0.1
     timesteps: int = 1000
+    objective: str = "diffusion"
 
 
 def preset_config(
@@ -204,39 +214,46 @@ def _denoiser(cfg: QM9ModelConfig, num_features: int) -> nn.Module:
     raise ValueError(f"unknown denoiser {cfg.denoiser!r}; choose one of {', '.join(DENOISERS)}")
 
 
-def qm9_model(cfg: QM9ModelConfig, node_counts=None) -> CanonicalizedDiffusion:
-    """The diffusion model that ``cfg`` describes, on QM9's molecule space.
+def qm9_model(cfg: QM9ModelConfig, node_counts=None) -> CanonicalizedModel:
+    """The model that ``cfg`` describes, on QM9's molecule space.
 
     Parameters
     ----------
     cfg : QM9ModelConfig
-        Denoiser, canonicalizer and sizes.
+        Denoiser, canonicalizer, sizes and objective.
     node_counts : NodeCountDistribution, optional
         Distribution of molecule sizes (for sampling without giving sizes, and the
         ``-log p(N)`` term of the likelihood).
 
     Returns
     -------
-    CanonicalizedDiffusion
-        With EDM's polynomial schedule (power 2, precision 1e-5).
+    CanonicalizedDiffusion or CanonicalizedFlowMatching
+        ``objective="diffusion"``: with EDM's polynomial schedule (power 2, precision 1e-5).
+        ``objective="flow"``: flow matching on the CondOT path (the denoiser predicts the
+        velocity; no schedule).
     """
     from canonwrap import MoleculeSpace
     from canonwrap.molecules import QM9_ATOM_TYPES, QM9_HEAVY_ATOM_TYPES
 
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(
+            f"unknown objective {cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}"
+        )
     atom_types = QM9_HEAVY_ATOM_TYPES if cfg.remove_h else QM9_ATOM_TYPES
     num_features = len(atom_types) + 1
     space = MoleculeSpace(atom_types=atom_types, include_charges=True, node_counts=node_counts)
+    denoiser = _denoiser(cfg, num_features)
+    canonicalizer = _canonicalizer(cfg, num_features)
+    if cfg.objective == "flow":
+        from canonwrap.flow import CanonicalizedFlowMatching
+
+        return CanonicalizedFlowMatching(denoiser, canonicalizer, space=space)
     schedule = PolynomialSchedule(cfg.timesteps, power=2, precision=1e-5)
-    return CanonicalizedDiffusion(
-        _denoiser(cfg, num_features),
-        _canonicalizer(cfg, num_features),
-        schedule=schedule,
-        space=space,
-    )
+    return CanonicalizedDiffusion(denoiser, canonicalizer, schedule=schedule, space=space)
 
 
 def qm9_optimizer(
-    model: CanonicalizedDiffusion, lr: float, canon_lr_ratio: float = 0.01
+    model: CanonicalizedModel, lr: float, canon_lr_ratio: float = 0.01
 ) -> torch.optim.Optimizer:
     """AdamW as EDM (amsgrad, weight decay 1e-12); a learned canonicalizer at a lower rate.
 

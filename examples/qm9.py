@@ -18,6 +18,10 @@ Subcommands::
     python examples/qm9.py evaluate --out runs/canon-gdm
     python examples/qm9.py all      --model canon-gdm --out runs/canon-gdm --quick
 
+``--objective flow`` trains the same denoiser and canonicalizer by flow matching
+(``CanonicalizedFlowMatching``) instead of diffusion; ``sample --sampler`` then takes the
+ODE solvers ``euler``, ``midpoint`` or ``dopri5``.
+
 ``train`` also runs data-parallel on several CPU processes when started by ``torchrun``
 (``torchrun --nproc_per_node 4 examples/qm9.py train ...``; gloo backend, ``--batch-size``
 per process, rank 0 writes all outputs).
@@ -57,6 +61,7 @@ from canonwrap.evaluation import (
 from canonwrap.recipes import (
     CANONICALIZERS,
     DENOISERS,
+    OBJECTIVES,
     OPTIMIZATION,
     SHORTHANDS,
     SIZES,
@@ -69,6 +74,13 @@ from canonwrap.recipes import (
 from canonwrap.training import EMA, Trainer, claim_run_folder, distributed_sampler_loader
 
 MODELS = tuple(SHORTHANDS)
+#: Samplers per objective: diffusion's reverse processes, flow matching's ODE solvers.
+DIFFUSION_SAMPLERS = ("ancestral", "ddim", "dpm")
+FLOW_SAMPLERS = ("euler", "midpoint", "dopri5")
+#: Flow runs: the validation NLL logged during training integrates the ODE with this fixed
+#: number of midpoint steps (cheap, approximate: a monitor); ``evaluate``'s test NLL uses the
+#: library's adaptive default (dopri5, atol = rtol = 1e-5).
+FLOW_VAL_NLL = {"method": "midpoint", "steps": 10}
 #: What runs when neither --model nor --denoiser/--canonicalizer is given.
 DEFAULT_MODEL = ("transformer", "pca")
 
@@ -143,6 +155,7 @@ def model_config(cfg: dict[str, Any]) -> QM9ModelConfig:
         canon_layers=cfg["canon_layers"],
         anchor_weight=cfg["anchor_weight"],
         timesteps=cfg["timesteps"],
+        objective=cfg.get("objective", "diffusion"),  # runs written before the flag: diffusion
     )
 
 
@@ -205,6 +218,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         remove_h=args.remove_h,
         seed=args.seed,
         distance_bias=not args.no_distance_bias,
+        objective=args.objective,
     )
     for key in PRESETS["full"]:
         value = getattr(args, key, None)
@@ -264,6 +278,7 @@ def _train(args: argparse.Namespace, distributed: bool, rank: int, out: Path) ->
 
     val_loader = _loader(valid, 64, shuffle=False)
     nll_loader = _loader(subset(valid, cfg["nll_size"]), 64, shuffle=False)
+    val_nll_options = FLOW_VAL_NLL if model_config(cfg).objective == "flow" else {}
     optimizer = qm9_optimizer(model, cfg["lr"], cfg["canon_lr_ratio"])
     scheduler = canonicalizer_warmup(optimizer, cfg["canon_warmup"])
     ema = EMA(model, decay=cfg["ema_decay"], start_step=cfg["ema_start"])
@@ -277,7 +292,7 @@ def _train(args: argparse.Namespace, distributed: bool, rank: int, out: Path) ->
         m = getattr(m, "module", m)  # unwrap DDP
         return {
             "val_loss": heldout_loss(m, val_loader),
-            "val_nll": heldout_nll(m, nll_loader)["nll"],
+            "val_nll": heldout_nll(m, nll_loader, **val_nll_options)["nll"],
         }
 
     def eval_fn(m):
@@ -362,7 +377,7 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
     model, cfg, node_counts = load_trained(out, args.weights, args.device)
     n_total = args.num_samples or cfg["num_samples"]
     batch_size = args.sample_batch or cfg["sample_batch"]
-    sampler = make_sampler(args.sampler, args.sample_steps)
+    draw = sampling_function(model, model_config(cfg).objective, args)
     gen = torch.Generator().manual_seed(args.seed)
     molecules, positions, features, sizes = [], [], [], []
     start = time.perf_counter()
@@ -370,9 +385,7 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
     while done < n_total:
         b = min(batch_size, n_total - done)
         nodes = node_counts.sample(b, generator=gen)
-        batch = model.sample(
-            num_nodes=nodes, sampler=sampler, generator=gen, progress=not args.no_progress
-        )
+        batch = draw(nodes, gen)
         molecules += model.space.decode(batch)
         positions.append(batch.pos)
         features.append(batch.x)
@@ -389,7 +402,7 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
         "num_samples": n_total,
         "seconds": elapsed,
         "s_per_sample": elapsed / n_total,
-        "sampler": repr(sampler),
+        "sampler": repr(draw),
         "threads": torch.get_num_threads(),
     }
     (out / "sampling.json").write_text(json.dumps(timing, indent=2))
@@ -398,6 +411,55 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
         flush=True,
     )
     return timing
+
+
+class _Draw:
+    """One sampling call of a run's model; its ``repr`` names the sampler for sampling.json."""
+
+    def __init__(self, model, name: str, options: dict[str, Any]) -> None:
+        self.model, self.name, self.options = model, name, options
+
+    def __call__(self, nodes, gen):
+        return self.model.sample(num_nodes=nodes, generator=gen, **self.options)
+
+    def __repr__(self) -> str:
+        if "sampler" in self.options:
+            return repr(self.options["sampler"])
+        steps = self.options.get("steps")
+        return f"ODE({self.name}" + (f", steps={steps})" if steps else ")")
+
+
+def sampler_name(objective: str, sampler: str | None) -> str:
+    """``--sampler`` (or the objective's default), refused when the objective has no such one."""
+    if objective == "flow":
+        if sampler in DIFFUSION_SAMPLERS:
+            raise ValueError(
+                f"--sampler {sampler} is a diffusion sampler, but this run was trained with "
+                f"--objective flow: choose one of {', '.join(FLOW_SAMPLERS)}"
+            )
+        return sampler or "euler"
+    if sampler in FLOW_SAMPLERS:
+        raise ValueError(
+            f"--sampler {sampler} is a flow-matching ODE solver, but this run was trained with "
+            f"--objective {objective}: choose one of {', '.join(DIFFUSION_SAMPLERS)}"
+        )
+    return sampler or "ancestral"
+
+
+def sampling_function(model, objective: str, args: argparse.Namespace) -> _Draw:
+    """The sampler that ``--sampler``/``--sample-steps`` name, checked against the objective."""
+    name = sampler_name(objective, args.sampler)
+    if objective != "flow":
+        options = {
+            "sampler": make_sampler(name, args.sample_steps),
+            "progress": not args.no_progress,
+        }
+        return _Draw(model, name, options)
+    if name == "dopri5":
+        if args.sample_steps is not None:
+            raise ValueError("--sample-steps does not apply to dopri5 (it chooses its steps)")
+        return _Draw(model, name, {"method": name})
+    return _Draw(model, name, {"method": name, "steps": args.sample_steps or 100})
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -475,6 +537,8 @@ def summary_lines(result: dict[str, Any], figure: Path | None) -> str:
 
 
 def cmd_all(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.resume:  # a sampler the objective has not: refused before training
+        sampler_name(args.objective, args.sampler)
     cmd_train(args)
     cmd_sample(args)
     return cmd_evaluate(args)
@@ -520,7 +584,7 @@ def parser() -> argparse.ArgumentParser:
         "anchor_weight": "weight of the principal-axes prior of --canonicalizer egnn-anchored",
         "ema_decay": "decay of the exponential moving average of the weights",
         "ema_start": "step at which the moving average starts",
-        "timesteps": "diffusion steps T",
+        "timesteps": "diffusion steps T (unused with --objective flow)",
         "max_steps": "stop after this many training steps",
         "max_minutes": "stop after this many minutes of training",
         "epochs": "stop after this many epochs",
@@ -550,6 +614,14 @@ def parser() -> argparse.ArgumentParser:
             choices=CANONICALIZERS,
             default=None,
             help="how each molecule is put in canonical pose (overrides --model's)",
+        )
+        sp.add_argument(
+            "--objective",
+            choices=OBJECTIVES,
+            default="diffusion",
+            help="training objective: diffusion (CanonicalizedDiffusion) or flow (flow "
+            "matching, CanonicalizedFlowMatching; its validation NLL during training uses "
+            f"{FLOW_VAL_NLL['steps']} {FLOW_VAL_NLL['method']} steps) (default: diffusion)",
         )
         sp.add_argument(
             "--no-distance-bias",
@@ -611,15 +683,18 @@ def parser() -> argparse.ArgumentParser:
         )
         sp.add_argument(
             "--sampler",
-            choices=["ancestral", "ddim", "dpm"],
-            default="ancestral",
-            help="reverse-process sampler (default: ancestral)",
+            choices=[*DIFFUSION_SAMPLERS, *FLOW_SAMPLERS],
+            default=None,
+            help="diffusion runs: reverse-process sampler ancestral, ddim or dpm; flow runs: "
+            "ODE solver euler, midpoint or dopri5 (adaptive) (default: ancestral for "
+            "diffusion, euler for flow)",
         )
         sp.add_argument(
             "--sample-steps",
             type=int,
             default=None,
-            help="sampling steps (default: T for ancestral, 50 ddim, 20 dpm)",
+            help="sampling steps (default: T for ancestral, 50 ddim, 20 dpm, 100 euler or "
+            "midpoint; dopri5 chooses its own)",
         )
 
     def eval_args(sp):

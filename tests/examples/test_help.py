@@ -15,6 +15,7 @@ EXAMPLES = {
     "custom_group": [[]],
     "wrap_your_model": [[]],
     "plot_molecules": [[]],
+    "qm9": [[], ["train"], ["sample"], ["evaluate"], ["all"]],
     "qm9_report": [[]],
 }
 

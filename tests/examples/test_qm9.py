@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 
@@ -131,3 +132,87 @@ def test_mlp_ratio_reaches_the_transformer_and_survives_reloading(example, tmp_p
     assert cfg["mlp_ratio"] == 2.0 and cfg["model_config"]["mlp_ratio"] == 2.0
     widths = {block.mlp[0].out_features for block in model.denoiser.blocks}
     assert widths == {2 * 8}  # --hidden 8 in TRAIN; the default ratio 4 would give 32
+
+
+FLOW_SAMPLING = ["--sampler", "euler", "--sample-steps", "5"]
+
+
+@pytest.mark.parametrize("model", ["pca-transformer", "gdm"])
+def test_qm9_all_with_flow_matching(example, tmp_path, model):
+    """--objective flow trains CanonicalizedFlowMatching, samples by an ODE solver and
+    evaluates its ODE likelihood; periodic evaluation logs the held-out loss and val NLL."""
+    from canonwrap import CanonicalizedFlowMatching
+    from canonwrap.evaluation import load_qm9_run
+
+    qm9 = example("qm9")
+    out = tmp_path / model
+    result = qm9.main(["all", "--model", model, "--objective", "flow", "--out", str(out),
+                       "--max-steps", "3", *TINY, *FLOW_SAMPLING])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["objective"] == "flow" and cfg["model_config"]["objective"] == "flow"
+    loaded, _ = load_qm9_run(out)
+    assert isinstance(loaded, CanonicalizedFlowMatching)
+    assert result["molecules"]["n_molecules"] == 3
+    nll = result["test_nll"]
+    assert all(math.isfinite(nll[k]) for k in ("nll", "flow", "reconstruction", "size"))
+    terms = nll["flow"] + nll["dequantization"] + nll["reconstruction"] + nll["size"]
+    assert nll["nll"] == pytest.approx(terms, rel=1e-5, abs=1e-3)
+    assert "kl_prior" not in nll and math.isfinite(result["val_loss"])
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["test_nll"]["nll"] == pytest.approx(nll["nll"])
+    for name in ("samples.xyz", "samples.sdf", "samples.pt"):
+        assert (out / name).exists(), name
+    assert "euler" in json.loads((out / "sampling.json").read_text())["sampler"]
+    evals = [json.loads(line)["eval"] for line in
+             (out / "checkpoints" / "log.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert evals and all(math.isfinite(ev["val_nll"]) and ev["val_loss"] > 0 for ev in evals)
+
+
+def test_qm9_sampler_must_match_the_objective(example, tmp_path):
+    qm9 = example("qm9")
+    flow, diffusion = tmp_path / "flow", tmp_path / "diffusion"
+    qm9.main(["train", "--model", "gdm", "--objective", "flow", "--out", str(flow),
+              "--max-steps", "1", *TRAIN])
+    qm9.main(["train", "--model", "gdm", "--out", str(diffusion), "--max-steps", "1", *TRAIN])
+    for sampler in ("ancestral", "ddim", "dpm"):
+        with pytest.raises(ValueError, match="--objective flow: choose one of euler, midpoint"):
+            qm9.main(["sample", "--out", str(flow), "--sampler", sampler, "--no-progress"])
+    for sampler in ("euler", "midpoint", "dopri5"):
+        with pytest.raises(ValueError, match="--objective diffusion: choose one of ancestral"):
+            qm9.main(["sample", "--out", str(diffusion), "--sampler", sampler, "--no-progress"])
+    with pytest.raises(ValueError, match="dopri5"):
+        qm9.main(["sample", "--out", str(flow), "--sampler", "dopri5", "--sample-steps", "4",
+                  "--no-progress"])
+    with pytest.raises(ValueError, match="diffusion sampler"):  # before any training
+        qm9.main(["all", "--objective", "flow", "--sampler", "ddim", "--out",
+                  str(tmp_path / "never"), *TINY])
+    assert not (tmp_path / "never").exists()
+    timing = qm9.main(["sample", "--out", str(flow), "--sampler", "midpoint", "--sample-steps",
+                       "2", "--num-samples", "2", "--no-progress"])
+    assert timing["num_samples"] == 2 and "midpoint" in timing["sampler"]
+
+
+def test_qm9_run_without_objective_loads_as_diffusion(example, tmp_path):
+    """config.json of runs written before --objective has no such key: diffusion."""
+    from canonwrap import CanonicalizedDiffusion
+    from canonwrap.evaluation import load_qm9_run
+
+    qm9 = example("qm9")
+    out = tmp_path / "old"
+    qm9.main(["train", "--model", "gdm", "--out", str(out), "--max-steps", "1", *TRAIN])
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["objective"], cfg["model_config"]["objective"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    model, _ = load_qm9_run(out)
+    assert isinstance(model, CanonicalizedDiffusion)
+    assert qm9.model_config(cfg).objective == "diffusion"
+    res = qm9.main(["train", "--out", str(out), "--resume", "--max-steps", "2", "--no-progress"])
+    assert res["steps"] == 2
+    assert json.loads((out / "config.json").read_text())["model_config"]["objective"] == "diffusion"
+
+
+def test_qm9_model_rejects_an_unknown_objective():
+    from canonwrap.recipes import QM9ModelConfig, qm9_model
+
+    with pytest.raises(ValueError, match="objective 'score'; choose one of diffusion, flow"):
+        qm9_model(QM9ModelConfig(objective="score"))
