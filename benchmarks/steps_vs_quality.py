@@ -2,12 +2,20 @@
 
 Samples the same number of molecules (same molecule sizes, same seed) from a run of
 ``examples/qm9.py`` with several samplers and step counts, evaluates each set with the
-molecule metrics and records the sampling time per molecule.
+molecule metrics and records the sampling time per molecule and the number of network
+evaluations per batch (counted by a hook on the denoiser, so adaptive solvers are counted
+as they ran).
+
+Diffusion runs take the samplers ``ancestral``, ``ddim`` and ``dpm``; flow-matching runs
+(``--objective flow``) take the ODE methods ``euler``, ``midpoint`` (fixed steps) and
+``dopri5`` (adaptive; no step count, ``dopri5`` alone in the settings).
 
 Usage::
 
     python benchmarks/steps_vs_quality.py --run runs/cpu/canon-gdm --num-molecules 100 \
         --out docs/results/qm9_steps
+    python benchmarks/steps_vs_quality.py --run runs/fm/flow \
+        --settings euler:10,euler:50,midpoint:10,dopri5 --out docs/results/qm9_flow_steps
 
 Writes ``<out>.md`` and ``<out>.json``.
 """
@@ -28,6 +36,24 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+DIFFUSION_DEFAULT = "ancestral:1000,ancestral:250,dpm:250,dpm:100,dpm:50,dpm:25,ddim:50,ddim:25"
+FLOW_DEFAULT = "euler:10,euler:20,euler:50,euler:100,midpoint:5,midpoint:10,midpoint:25,dopri5"
+
+
+class _CallCounter:
+    """Counts forward calls of a module (the denoiser) through a forward pre-hook."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = 0
+        self._handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, inputs) -> None:
+        self.calls += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
 def _settings(text: str) -> list[tuple[str, int | None]]:
     out = []
     for item in text.split(","):
@@ -43,8 +69,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument(
         "--settings",
-        default="ancestral:1000,ancestral:250,dpm:250,dpm:100,dpm:50,dpm:25,ddim:50,ddim:25",
-        help="comma-separated sampler:steps pairs (samplers: ancestral, ddim, dpm)",
+        default=None,
+        help="comma-separated sampler:steps pairs; diffusion runs: ancestral, ddim, dpm "
+        f"(default {DIFFUSION_DEFAULT}); flow runs: euler, midpoint, dopri5 (no steps) "
+        f"(default {FLOW_DEFAULT})",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -57,9 +85,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from canonwrap import AncestralSampler, DDIMSampler, DPMSolverSampler
     from canonwrap.evaluation import load_qm9_run, qm9_reference_smiles
+    from canonwrap.flow import FIXED_STEP_METHODS, CanonicalizedFlowMatching
     from canonwrap.metrics import evaluate
 
     model, cfg = load_qm9_run(args.run, args.weights)
+    flow = isinstance(model, CanonicalizedFlowMatching)
+    settings = args.settings or (FLOW_DEFAULT if flow else DIFFUSION_DEFAULT)
     node_counts = model.space.node_counts
     reference = qm9_reference_smiles(cfg["remove_h"], progress=not args.no_progress)
     sizes = node_counts.sample(
@@ -67,27 +98,45 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     make = {"ancestral": AncestralSampler, "ddim": DDIMSampler, "dpm": DPMSolverSampler}
     rows = []
-    for name, steps in _settings(args.settings):
-        if name not in make:
-            raise ValueError(f"unknown sampler {name!r}; choose from {sorted(make)}")
-        sampler = make[name](steps)
+    counter = _CallCounter(model.denoiser)
+    for name, steps in _settings(settings):
+        if flow:
+            if name in FIXED_STEP_METHODS and steps is not None:
+                options = {"method": name, "steps": steps}
+            elif name == "dopri5" and steps is None:
+                options = {"method": name}
+            else:
+                raise ValueError(
+                    f"{args.run} is a flow-matching run: settings are "
+                    f"{'|'.join(FIXED_STEP_METHODS)}:<steps> or dopri5, not {name}:{steps}"
+                )
+        elif name in make:
+            options = {"sampler": make[name](steps), "progress": not args.no_progress}
+        else:
+            raise ValueError(
+                f"{args.run} is a diffusion run: samplers are {sorted(make)}, not {name!r}"
+            )
         gen = torch.Generator().manual_seed(args.seed + 1)
         molecules = []
+        counter.calls = 0
+        batches = 0
         start = time.perf_counter()
         for i in range(0, args.num_molecules, args.batch_size):
-            batch = model.sample(
-                num_nodes=sizes[i : i + args.batch_size],
-                sampler=sampler,
-                generator=gen,
-                progress=not args.no_progress,
-            )
+            batch = model.sample(num_nodes=sizes[i : i + args.batch_size], generator=gen, **options)
             molecules += model.space.decode(batch)
+            batches += 1
         seconds = time.perf_counter() - start
         metrics = evaluate(molecules, train_smiles=reference, canonicalize_train=False)
         n = metrics["n_molecules"]
+        if flow:
+            shown_steps = steps if steps is not None else "adaptive"
+        else:
+            shown_steps = len(options["sampler"].steps(model.timesteps)) - 1
         row = {
+            "objective": "flow" if flow else "diffusion",
             "sampler": name,
-            "steps": len(sampler.steps(model.timesteps)) - 1,
+            "steps": shown_steps,
+            "network_calls": counter.calls / batches,
             "s_per_molecule": seconds / n,
             **metrics,
             "mol_stability_se": math.sqrt(
@@ -96,25 +145,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
         }
         rows.append(row)
         print(
-            f"{name:9s} {row['steps']:5d} steps: atom stable {metrics['atom_stability']:.3f}, "
+            f"{name:9s} {row['steps']!s:>8} steps ({row['network_calls']:.0f} network calls): "
+            f"atom stable {metrics['atom_stability']:.3f}, "
             f"mol stable {metrics['mol_stability']:.3f}, valid {metrics['validity']:.3f}, "
             f"{row['s_per_molecule']:.3f} s/molecule",
             flush=True,
         )
 
+    counter.remove()
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
     lines = [
         f"Run `{args.run}` ({cfg['model']}, {cfg.get('preset')} preset), "
         f"{args.num_molecules} molecules per setting, same sizes and seed; "
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads.",
         "",
-        "| sampler | steps | atom stable % | mol stable % | valid % | connected valid % | "
-        "unique % | s / molecule |",
-        "|---|---|---|---|---|---|---|---|",
+        "| objective | sampler | steps | network calls | atom stable % | mol stable % | "
+        "valid % | connected valid % | unique % | s / molecule |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['sampler']} | {r['steps']} | {100 * r['atom_stability']:.1f} | "
+            f"| {r['objective']} | {r['sampler']} | {r['steps']} | {r['network_calls']:.0f} | "
+            f"{100 * r['atom_stability']:.1f} | "
             f"{100 * r['mol_stability']:.1f} ± {100 * r['mol_stability_se']:.1f} | "
             f"{100 * r['validity']:.1f} | {100 * r['connected_validity']:.1f} | "
             f"{100 * r['uniqueness']:.1f} | {r['s_per_molecule']:.3f} |"

@@ -48,6 +48,8 @@ def test_qm9_resume_and_ddim_sampling_and_figure(example, tmp_path):
     rows = svq.main(["--run", str(out), "--num-molecules", "2", "--settings",
                      "ancestral:5,dpm:3,ddim:3", "--out", str(tmp_path / "svq"), "--no-progress"])
     assert [r["steps"] for r in rows] == [5, 3, 3]
+    assert all(r["objective"] == "diffusion" for r in rows)
+    assert rows[0]["network_calls"] == 6  # 5 ancestral steps, then the decoding at t = 0
     assert (tmp_path / "svq.md").exists()
     plot = example("plot_molecules")
     png = plot.main(["--run", str(out), "--png", str(tmp_path / "fig.png"), "--count", "2"])
@@ -216,3 +218,23 @@ def test_qm9_model_rejects_an_unknown_objective():
 
     with pytest.raises(ValueError, match="objective 'score'; choose one of diffusion, flow"):
         qm9_model(QM9ModelConfig(objective="score"))
+
+
+def test_steps_vs_quality_on_a_flow_run_counts_network_calls(example, tmp_path):
+    qm9 = example("qm9")
+    out = tmp_path / "flow"
+    qm9.main(["train", "--model", "gdm", "--objective", "flow", "--out", str(out),
+              "--max-steps", "2", *TRAIN])
+    svq = load_script("benchmarks/steps_vs_quality.py")
+    rows = svq.main(["--run", str(out), "--num-molecules", "2", "--settings",
+                     "euler:3,midpoint:2,dopri5", "--out", str(tmp_path / "svq"),
+                     "--no-progress"])
+    assert [(r["objective"], r["sampler"], r["steps"]) for r in rows] == [
+        ("flow", "euler", 3), ("flow", "midpoint", 2), ("flow", "dopri5", "adaptive")
+    ]
+    assert [r["network_calls"] for r in rows[:2]] == [3, 4]  # midpoint: two per step
+    assert rows[2]["network_calls"] > 0
+    assert "| flow | dopri5 | adaptive |" in (tmp_path / "svq.md").read_text()
+    with pytest.raises(ValueError, match="flow-matching run"):
+        svq.main(["--run", str(out), "--num-molecules", "2", "--settings", "ancestral:5",
+                  "--out", str(tmp_path / "bad"), "--no-progress"])
