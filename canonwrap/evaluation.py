@@ -199,13 +199,22 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], weights: str = 
     """
     from canonwrap.training import CheckpointError, read_checkpoint
 
-    if weights not in ("raw", "ema"):
-        raise ValueError(f"weights must be 'raw' or 'ema'; got {weights!r}")
+    _check_weights_name(weights)
     path = Path(path)
     try:
         ckpt = read_checkpoint(path, trainer_only=False)
     except CheckpointError as err:
         raise CheckpointError(f"cannot load checkpoint: {err}") from err
+    return _apply_weights(model, ckpt, path, weights)
+
+
+def _check_weights_name(weights: str) -> None:
+    if weights not in ("raw", "ema"):
+        raise ValueError(f"weights must be 'raw' or 'ema'; got {weights!r}")
+
+
+def _apply_weights(model: nn.Module, ckpt: dict[str, Any], path: Path, weights: str) -> nn.Module:
+    """Load the raw or EMA weights of a checkpoint already read and verified from ``path``."""
     model.load_state_dict(ckpt["model"])
     if weights == "ema":
         ema_state = ckpt.get("ema")
@@ -325,7 +334,6 @@ def load_qm9_run(
 
     from canonwrap.data.qm9 import QM9
     from canonwrap.recipes import QM9ModelConfig, qm9_model
-    from canonwrap.training import find_latest_checkpoint
     from canonwrap.training.integrity import _read_newest_verified
 
     folder = Path(folder)
@@ -340,10 +348,13 @@ def load_qm9_run(
     train = QM9("train", remove_h=cfg["model_config"]["remove_h"], progress=False)
     node_counts = NodeCountDistribution(train.node_count_histogram())
     model = qm9_model(QM9ModelConfig(**cfg["model_config"]), node_counts)
-    if find_latest_checkpoint(folder / "checkpoints") is None:
-        raise FileNotFoundError(f"no checkpoint in {folder / 'checkpoints'}: train first")
+    weights = weights or cfg.get("weights", "raw")
+    _check_weights_name(weights)
     # the newest checkpoint that verifies, as resume takes it; the files are left as they
     # are (sampling and evaluating only read the folder), with a warning naming any skipped
-    ckpt, _ = _read_newest_verified(folder / "checkpoints", rename=False, action="loading")
-    load_weights(model, ckpt, weights or cfg.get("weights", "raw"))
+    try:
+        path, ckpt = _read_newest_verified(folder / "checkpoints", rename=False, action="loading")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint in {folder / 'checkpoints'}: train first") from None
+    _apply_weights(model, ckpt, path, weights)
     return model, cfg
