@@ -26,18 +26,6 @@ from pathlib import Path
 import torch
 
 
-def per_molecule_nll(model, dataset, seed: int, batch_size: int = 64):
-    """NLL bound of every molecule of ``dataset`` (``[M]``) and the generator's end state."""
-    from torch_geometric.loader import DataLoader
-
-    gen = torch.Generator().manual_seed(seed)
-    values = []
-    with torch.no_grad():
-        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            values.append(model.nll(batch, generator=gen).nll.double())
-    return torch.cat(values), gen.get_state()
-
-
 def _mean_se(x: torch.Tensor) -> tuple[float, float]:
     return float(x.mean()), float(x.std() / math.sqrt(x.numel()))
 
@@ -61,15 +49,19 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from torch_geometric.loader import DataLoader
+
     from canonwrap.data.qm9 import QM9
-    from canonwrap.evaluation import load_qm9_run
+    from canonwrap.evaluation import load_qm9_run, per_sample_nll
 
     per, states, configs = {}, [], []
     for run in args.runs:
         model, cfg = load_qm9_run(run, args.weights)
         configs.append(cfg)
         test = QM9("test", remove_h=cfg["remove_h"], progress=False).seeded_subset(args.nll_size)
-        per[run], state = per_molecule_nll(model, test, args.seed)
+        loader = DataLoader(test, batch_size=64, shuffle=False)
+        terms, state = per_sample_nll(model, loader, args.seed)
+        per[run] = terms["nll"]
         states.append(state)
         mean, se = _mean_se(per[run])
         print(f"[paired_nll] {run}: {mean:.2f} ± {se:.2f} nats ({per[run].numel()} molecules)")

@@ -20,6 +20,7 @@ from canonwrap.canonicalizers.base import Canonicalizer
 __all__ = [
     "heldout_loss",
     "heldout_nll",
+    "per_sample_nll",
     "FrameDrift",
     "load_weights",
     "qm9_reference_smiles",
@@ -66,9 +67,58 @@ def heldout_loss(model: Any, loader: Iterable[Any], seed: int = 0) -> float:
     return total / count
 
 
-#: The terms of the NLL outputs that ``heldout_nll`` averages, when the output has them:
+#: The terms of the NLL outputs that ``per_sample_nll`` collects, when the output has them:
 #: ``NLLOutput`` (diffusion) and ``FlowNLLOutput`` (flow matching).
 _NLL_TERMS = ("nll", "kl_prior", "diffusion", "flow", "dequantization", "reconstruction", "size")
+
+
+def per_sample_nll(
+    model: Any, loader: Iterable[Any], seed: int = 0, **nll_options: Any
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``-log p(x)`` or its bound (nats) of every sample of ``loader``, with its terms.
+
+    Diffusion models: the model's Monte-Carlo estimate (one t per sample, fixed by
+    ``seed``). Flow-matching models: the ODE likelihood, whose noise (``generator``) and
+    Hutchinson probe (torch's global RNG) are both fixed by ``seed``; the global RNG is
+    forked for the call, so a training run's random stream is left as it was. Two models
+    scored with the same ``seed`` on the same batches draw the same ``t`` and noise when
+    they consume the generator alike, which the returned end state lets a caller check.
+
+    Parameters
+    ----------
+    model : CanonicalizedDiffusion or CanonicalizedFlowMatching
+        The model (its ``nll`` is evaluated).
+    loader : iterable
+        Batches of held-out data.
+    seed : int
+        Seed of the draws.
+    **nll_options
+        Passed to ``model.nll`` (flow matching: ``method``, ``steps``, ``atol``, ``rtol``).
+
+    Returns
+    -------
+    tuple
+        ``(terms, state)``: ``terms`` maps ``nll`` and the terms of the model's output
+        (diffusion: ``kl_prior``, ``diffusion``, ``reconstruction``, ``size``; flow
+        matching: ``flow``, ``dequantization``, ``reconstruction``, ``size``) to float64
+        CPU tensors ``[M]`` in loader order; ``state`` is the generator's state after the
+        last batch.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    parts: dict[str, list[torch.Tensor]] = {}
+    device = _device_of(model)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for batch in loader:
+            with torch.no_grad():
+                out = model.nll(batch.to(device), generator=gen, **nll_options)
+            for key in _NLL_TERMS:
+                if hasattr(out, key):
+                    parts.setdefault(key, []).append(getattr(out, key).detach().double().cpu())
+    if not parts:
+        raise ValueError("per_sample_nll: the loader yielded no samples")
+    return {k: torch.cat(v) for k, v in parts.items()}, gen.get_state()
 
 
 def heldout_nll(
@@ -76,10 +126,7 @@ def heldout_nll(
 ) -> dict[str, float]:
     """Mean ``-log p(x)`` or its bound (nats per sample) and its terms.
 
-    Diffusion models: the model's Monte-Carlo estimate (one t per sample, fixed by
-    ``seed``). Flow-matching models: the ODE likelihood, whose noise (``generator``) and
-    Hutchinson probe (torch's global RNG) are both fixed by ``seed``; the global RNG is
-    forked for the call, so a training run's random stream is left as it was.
+    The means of [`per_sample_nll`][canonwrap.evaluation.per_sample_nll] (same draws).
 
     Parameters
     ----------
@@ -103,26 +150,10 @@ def heldout_nll(
         between molecules, so it is what a difference between two models' ``nll`` should
         be compared with).
     """
-    gen = torch.Generator().manual_seed(seed)
-    sums: dict[str, float] = {}
-    values: list[torch.Tensor] = []
-    count = 0
-    device = _device_of(model)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for batch in loader:
-            with torch.no_grad():
-                out = model.nll(batch.to(device), generator=gen, **nll_options)
-            for key in _NLL_TERMS:
-                if hasattr(out, key):
-                    sums[key] = sums.get(key, 0.0) + getattr(out, key).sum().item()
-            values.append(out.nll.detach().double().cpu())
-            count += out.nll.numel()
-    if count == 0:
-        raise ValueError("heldout_nll: the loader yielded no samples")
-    result = {k: v / count for k, v in sums.items()}
-    every = torch.cat(values)
+    terms, _ = per_sample_nll(model, loader, seed, **nll_options)
+    result = {k: float(v.mean()) for k, v in terms.items()}
+    every = terms["nll"]
+    count = every.numel()
     result["nll_se"] = float(every.std() / count**0.5) if count > 1 else float("nan")
     return result
 
