@@ -83,10 +83,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from canonwrap import AncestralSampler, DDIMSampler, DPMSolverSampler
     from canonwrap.evaluation import load_qm9_run, qm9_reference_smiles
-    from canonwrap.flow import FIXED_STEP_METHODS, CanonicalizedFlowMatching
+    from canonwrap.flow import CanonicalizedFlowMatching
     from canonwrap.metrics import evaluate
+    from canonwrap.recipes import sampling_options
 
     model, cfg = load_qm9_run(args.run, args.weights)
     flow = isinstance(model, CanonicalizedFlowMatching)
@@ -96,26 +96,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sizes = node_counts.sample(
         args.num_molecules, generator=torch.Generator().manual_seed(args.seed)
     )
-    make = {"ancestral": AncestralSampler, "ddim": DDIMSampler, "dpm": DPMSolverSampler}
     rows = []
     counter = _CallCounter(model.denoiser)
     for name, steps in _settings(settings):
-        if flow:
-            if name in FIXED_STEP_METHODS and steps is not None:
-                options = {"method": name, "steps": steps}
-            elif name == "dopri5" and steps is None:
-                options = {"method": name}
-            else:
-                raise ValueError(
-                    f"{args.run} is a flow-matching run: settings are "
-                    f"{'|'.join(FIXED_STEP_METHODS)}:<steps> or dopri5, not {name}:{steps}"
-                )
-        elif name in make:
-            options = {"sampler": make[name](steps), "progress": not args.no_progress}
-        else:
-            raise ValueError(
-                f"{args.run} is a diffusion run: samplers are {sorted(make)}, not {name!r}"
-            )
+        options = sampling_options(
+            "flow" if flow else "diffusion", name, steps, progress=not args.no_progress
+        )
         gen = torch.Generator().manual_seed(args.seed + 1)
         molecules = []
         counter.calls = 0
@@ -129,7 +115,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         metrics = evaluate(molecules, train_smiles=reference, canonicalize_train=False)
         n = metrics["n_molecules"]
         if flow:
-            shown_steps = steps if steps is not None else "adaptive"
+            shown_steps = options.get("steps", "adaptive")
         else:
             shown_steps = len(options["sampler"].steps(model.timesteps)) - 1
         row = {

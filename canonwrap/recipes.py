@@ -14,7 +14,7 @@ into them, so that the example, the benchmarks and the tests build identical mod
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -43,6 +43,8 @@ __all__ = [
     "OPTIMIZATION",
     "preset_config",
     "make_sampler",
+    "DIFFUSION_SAMPLERS",
+    "sampling_options",
     "OBJECTIVES",
 ]
 
@@ -175,6 +177,67 @@ def make_sampler(name: str, steps: int | None = None):
     if name == "dpm":
         return DPMSolverSampler(steps or 20)
     raise ValueError(f"unknown sampler {name!r}; choose ancestral, ddim or dpm")
+
+
+DIFFUSION_SAMPLERS: tuple[str, ...] = ("ancestral", "ddim", "dpm")
+"""Samplers of diffusion models, by the names of ``make_sampler``."""
+
+
+def sampling_options(
+    objective: str, name: str, steps: int | None = None, progress: bool = False
+) -> dict[str, Any]:
+    """Keyword arguments of ``model.sample`` for the sampler ``name`` with ``steps`` steps.
+
+    Parameters
+    ----------
+    objective : str
+        What the model was trained with, one of ``OBJECTIVES``.
+    name : str
+        Diffusion: a name of ``DIFFUSION_SAMPLERS`` (see ``make_sampler``). Flow matching:
+        a fixed-step ODE method of [`FIXED_STEP_METHODS`][canonwrap.flow.FIXED_STEP_METHODS]
+        (``steps``, default 100) or ``"dopri5"`` (adaptive: no ``steps``).
+    steps : int, optional
+        Number of steps (each sampler's default when ``None``).
+    progress : bool
+        Progress bar (diffusion samplers only).
+
+    Returns
+    -------
+    dict
+        Diffusion: ``sampler`` and ``progress``; flow matching: ``method`` and, for
+        fixed-step methods, ``steps``.
+
+    Raises
+    ------
+    ValueError
+        A sampler of the other objective, an unknown one, or ``steps`` for ``dopri5``.
+    """
+    from canonwrap.flow import FIXED_STEP_METHODS
+
+    flow_samplers = (*FIXED_STEP_METHODS, "dopri5")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if objective != "flow":
+        if name in flow_samplers:
+            raise ValueError(
+                f"{name} is a flow-matching ODE solver; a {objective} run samples with "
+                f"{', '.join(DIFFUSION_SAMPLERS)}"
+            )
+        return {"sampler": make_sampler(name, steps), "progress": progress}
+    if name in DIFFUSION_SAMPLERS:
+        raise ValueError(
+            f"{name} is a diffusion sampler; a flow-matching run samples with "
+            f"{', '.join(flow_samplers)}"
+        )
+    if name == "dopri5":
+        if steps is not None:
+            raise ValueError(
+                f"{steps} steps do not apply to dopri5 (an adaptive solver chooses its steps)"
+            )
+        return {"method": name}
+    if name not in FIXED_STEP_METHODS:
+        raise ValueError(f"unknown ODE method {name!r}; choose one of {', '.join(flow_samplers)}")
+    return {"method": name, "steps": steps or 100}
 
 
 def _canonicalizer(cfg: QM9ModelConfig, num_features: int) -> Canonicalizer:

@@ -61,21 +61,21 @@ from canonwrap.evaluation import (
 from canonwrap.recipes import (
     CANONICALIZERS,
     DENOISERS,
+    DIFFUSION_SAMPLERS,
     OBJECTIVES,
     OPTIMIZATION,
     SHORTHANDS,
     SIZES,
     QM9ModelConfig,
     canonicalizer_warmup,
-    make_sampler,
     qm9_model,
     qm9_optimizer,
+    sampling_options,
 )
 from canonwrap.training import EMA, Trainer, claim_run_folder, distributed_sampler_loader
 
 MODELS = tuple(SHORTHANDS)
-#: Samplers per objective: diffusion's reverse processes, flow matching's ODE solvers.
-DIFFUSION_SAMPLERS = ("ancestral", "ddim", "dpm")
+#: The ODE solvers that --sampler offers for flow runs (diffusion's: DIFFUSION_SAMPLERS).
 FLOW_SAMPLERS = ("euler", "midpoint", "dopri5")
 #: Flow runs: the validation NLL logged during training integrates the ODE with this fixed
 #: number of midpoint steps (cheap, approximate: a monitor); ``evaluate``'s test NLL uses the
@@ -449,17 +449,10 @@ def sampler_name(objective: str, sampler: str | None) -> str:
 def sampling_function(model, objective: str, args: argparse.Namespace) -> _Draw:
     """The sampler that ``--sampler``/``--sample-steps`` name, checked against the objective."""
     name = sampler_name(objective, args.sampler)
-    if objective != "flow":
-        options = {
-            "sampler": make_sampler(name, args.sample_steps),
-            "progress": not args.no_progress,
-        }
-        return _Draw(model, name, options)
-    if name == "dopri5":
-        if args.sample_steps is not None:
-            raise ValueError("--sample-steps does not apply to dopri5 (it chooses its steps)")
-        return _Draw(model, name, {"method": name})
-    return _Draw(model, name, {"method": name, "steps": args.sample_steps or 100})
+    if name == "dopri5" and args.sample_steps is not None:
+        raise ValueError("--sample-steps does not apply to dopri5 (it chooses its steps)")
+    options = sampling_options(objective, name, args.sample_steps, not args.no_progress)
+    return _Draw(model, name, options)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:

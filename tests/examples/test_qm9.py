@@ -238,3 +238,22 @@ def test_steps_vs_quality_on_a_flow_run_counts_network_calls(example, tmp_path):
     with pytest.raises(ValueError, match="flow-matching run"):
         svq.main(["--run", str(out), "--num-molecules", "2", "--settings", "ancestral:5",
                   "--out", str(tmp_path / "bad"), "--no-progress"])
+
+
+def test_sampling_options_per_objective():
+    from canonwrap.recipes import sampling_options
+
+    assert sampling_options("flow", "midpoint", 10) == {"method": "midpoint", "steps": 10}
+    assert sampling_options("flow", "euler") == {"method": "euler", "steps": 100}
+    assert sampling_options("flow", "dopri5") == {"method": "dopri5"}
+    opts = sampling_options("diffusion", "ddim", 25, progress=True)
+    assert type(opts["sampler"]).__name__ == "DDIMSampler" and opts["progress"] is True
+    for args, message in [
+        (("flow", "dpm", 20), "diffusion sampler; a flow-matching run"),
+        (("diffusion", "euler", 20), "ODE solver; a diffusion run"),
+        (("flow", "dopri5", 20), "do not apply to dopri5"),
+        (("flow", "leapfrog", 20), "unknown ODE method"),
+        (("both", "euler", 20), "unknown objective"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            sampling_options(*args)
