@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from canonwrap.canonicalizers import DiscreteRotationCanonicalizer, UnitRange, frozen
+from canonwrap.canonicalizers import DiscreteRotationCanonicalizer, RandomPose, UnitRange, frozen
 from canonwrap.diffusion import CanonicalizedDiffusion
 from canonwrap.nn.unet import UNet
 from canonwrap.schedules import CosineSchedule, NoiseSchedule
@@ -38,6 +38,7 @@ def image_diffusion(
     canon_downsample: int = 2,
     prior_weight: float = 0.0,
     freeze_canonicalizer: bool = False,
+    random_pose: bool = False,
     value_range: tuple[float, float] | None = (-1.0, 1.0),
     schedule: NoiseSchedule | None = None,
     seed: int | None = None,
@@ -84,6 +85,11 @@ def image_diffusion(
         [`DiscreteRotationCanonicalizer`][canonwrap.canonicalizers.DiscreteRotationCanonicalizer]).
     freeze_canonicalizer
         Keep the canonicalizer at its initial weights ([`frozen`][canonwrap.canonicalizers.frozen]).
+    random_pose
+        Replace the learned canonicalizer by the control
+        [`RandomPose`][canonwrap.canonicalizers.RandomPose]: every image is rotated by a
+        pseudo-random element of C_n, fixed per image (the same interpolation as a C_n
+        canonicalizer, without alignment). Needs ``n``; ``salt`` is ``seed`` (0 without one).
     value_range
         Range ``(low, high)`` of the images; the canonicalizer is wrapped in
         [`UnitRange`][canonwrap.canonicalizers.UnitRange] with it. ``None`` for images already
@@ -112,7 +118,15 @@ def image_diffusion(
         attention=bool(attention),
     )
     canon = None
-    if n is not None:
+    if random_pose:
+        if n is None:
+            raise ValueError("random_pose=True needs the group order n")
+        if freeze_canonicalizer:
+            raise ValueError("random_pose has no parameters to freeze")
+        canon = RandomPose(n, salt=seed if seed is not None else 0)
+        if value_range is not None:
+            canon = UnitRange(canon, *value_range)
+    elif n is not None:
         if seed is not None:
             torch.manual_seed(seed + 1)
         canon = DiscreteRotationCanonicalizer(

@@ -22,7 +22,8 @@ all ``T`` ancestral steps, to keep CPU time low) and writes figures.
 
 Outputs in ``--out``: per configuration ``<config>/config.json``, ``<config>/checkpoints``
 (Trainer checkpoints and ``log.jsonl``), ``<config>/result.json``, ``<config>/test_eval.pt``
-(per-digit losses, steps and group elements), ``<config>/samples.png`` and, for
+(per-digit losses, steps and group elements), ``<config>/samples.pt`` (the samples, in
+canonical pose), ``<config>/samples.png`` (at most 64 of them) and, for
 canonicalized configurations, ``<config>/canonical.png`` (upright reference / rotated input
 / canonical digit); and, over every configuration present in ``--out``, ``results.json``,
 ``results.md`` (measured test losses beside the published ones) and ``loss_curves.png``.
@@ -72,6 +73,7 @@ from torch.utils.data import DataLoader, Subset
 from canonwrap import CanonicalizedDiffusion, CosineSchedule, DDIMSampler, PolynomialSchedule
 from canonwrap.data import RotatedMNIST
 from canonwrap.data.rotmnist import default_mnist_root
+from canonwrap.evaluation import load_weights
 from canonwrap.images import image_diffusion
 from canonwrap.metrics.images import (
     denoising_test_loss,
@@ -80,31 +82,59 @@ from canonwrap.metrics.images import (
     split_by_exactness,
     standard_error,
 )
+from canonwrap.spaces import TensorSpace
 from canonwrap.training import EMA, Trainer, claim_run_folder, find_latest_checkpoint
 
-#: configuration name -> (group order n, frozen); ``None``: no canonicalizer
-CONFIGS: dict[str, tuple[int, bool] | None] = {
+#: configuration name -> (group order n, pose): ``"learned"`` C_n canonicalizer, ``"frozen"``
+#: at its random initialisation, or ``"random"``: the smoothing control
+#: (:class:`~canonwrap.canonicalizers.RandomPose`, a pseudo-random element of C_n per digit,
+#: no alignment). ``None``: no canonicalizer.
+CONFIGS: dict[str, tuple[int, str] | None] = {
     "unet": None,
-    "canon-c8": (8, False),
-    "canon-c16": (16, False),
-    "canon-c32": (32, False),
-    "canon-c16-frozen": (16, True),
+    "canon-c4": (4, "learned"),
+    "canon-c8": (8, "learned"),
+    "canon-c16": (16, "learned"),
+    "canon-c32": (32, "learned"),
+    "canon-c16-frozen": (16, "frozen"),
+    "unet-rot-c4": (4, "random"),
+    "unet-rot-c8": (8, "random"),
+    "unet-rot-c16": (16, "random"),
+    "unet-rot-c32": (32, "random"),
 }
 #: published test reconstruction losses (UNet base width 64, canonicalizer 16 x 5 x k5)
-PUBLISHED: dict[str, float] = {
+PUBLISHED: dict[str, float | None] = {
     "unet": 0.0312,
+    "canon-c4": None,
     "canon-c32": 0.0264,
     "canon-c16": 0.0255,
     "canon-c8": 0.0264,
     "canon-c16-frozen": 0.0264,
+    "unet-rot-c4": None,
+    "unet-rot-c8": None,
+    "unet-rot-c16": None,
+    "unet-rot-c32": None,
 }
 PUBLISHED_LABELS: dict[str, str] = {
     "unet": "UNet",
+    "canon-c4": "canon(C4)+UNet",
     "canon-c8": "canon(C8)+UNet",
     "canon-c16": "canon(C16)+UNet",
     "canon-c32": "canon(C32)+UNet",
     "canon-c16-frozen": "canon(C16, frozen)+UNet",
+    "unet-rot-c4": "UNet + random C4 pose (control)",
+    "unet-rot-c8": "UNet + random C8 pose (control)",
+    "unet-rot-c16": "UNet + random C16 pose (control)",
+    "unet-rot-c32": "UNet + random C32 pose (control)",
 }
+
+
+def control_of(name: str) -> str | None:
+    """The smoothing control (random C_n pose) of a canonicalized configuration, else ``None``."""
+    spec = CONFIGS[name]
+    if spec is None or spec[1] == "random":
+        return None
+    return f"unet-rot-c{spec[0]}"
+
 
 # Published network sizes; the training budget of "full" is our choice (not published).
 # Every key is also a flag of `run` (``--base-width``, ...); PRESET_HELP describes it.
@@ -177,7 +207,7 @@ def build_model(name: str, cfg: dict[str, Any]) -> CanonicalizedDiffusion:
     """
     if name not in CONFIGS:
         raise ValueError(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
-    n, is_frozen = CONFIGS[name] or (None, False)
+    n, pose = CONFIGS[name] or (None, "none")
     return image_diffusion(
         n,
         base_width=cfg["base_width"],
@@ -189,7 +219,8 @@ def build_model(name: str, cfg: dict[str, Any]) -> CanonicalizedDiffusion:
         canon_kernel=cfg["canon_kernel"],
         canon_downsample=cfg["canon_downsample"],
         prior_weight=cfg["prior_weight"],
-        freeze_canonicalizer=is_frozen,
+        freeze_canonicalizer=pose == "frozen",
+        random_pose=pose == "random",
         schedule=make_schedule(cfg),
         seed=cfg["seed"],
     )
@@ -451,10 +482,12 @@ def _run_config(
         progress=progress,
     )
     sample_s = time.perf_counter() - start
+    torch.save(samples.detach().cpu(), folder / "samples.pt")  # for sample metrics
+    shown = min(64, samples.shape[0])
     save_grid(
-        samples,
+        samples[:shown],
         folder / "samples.png",
-        f"{name}: {cfg['num_samples']} samples (DDIM, {cfg['sample_steps']} steps)",
+        f"{name}: {shown} of {cfg['num_samples']} samples (DDIM, {cfg['sample_steps']} steps)",
     )
     if spec is not None:
         k = min(16, n_test)
@@ -482,7 +515,7 @@ def _run_config(
         "test_images": n_test,
         "orientation_concentration": concentration[0] if concentration else None,
         "orientation_chance": concentration[1] if concentration else None,
-        "published": PUBLISHED[name],
+        "published": PUBLISHED.get(name),
         "steps": state.step,
         "stop_reason": state.stop_reason,
         "train_seconds": state.elapsed,
@@ -502,83 +535,103 @@ def _run_config(
 
 
 # ------------------------------------------------------------------------- summary
-def split_by_interpolation(diff: Tensor, element: Tensor, n: int) -> dict[str, Any]:
-    """Paired differences ``diff [N]`` (canonicalized minus UNet) on exact and on
-    interpolated canonical poses (:func:`canonwrap.metrics.images.split_by_exactness`),
-    under the keys of ``result.json``."""
+def split_by_interpolation(diff: Tensor, element: Tensor, n: int, key: str = "diff_vs_unet"):
+    """Paired differences ``diff [N]`` on exact and on interpolated poses
+    (:func:`canonwrap.metrics.images.split_by_exactness`), under the keys of ``result.json``
+    (``<key>_exact``, ``<key>_interpolated``, with ``_sem``)."""
     split = split_by_exactness(diff, element, n)
     out: dict[str, Any] = {"interpolated_fraction": split.pop("interpolated_fraction")}
-    out.update({f"diff_vs_unet_{key}": value for key, value in split.items()})
+    out.update({f"{key}_{name}": value for name, value in split.items()})
     return out
 
 
+def _test_eval(out: Path, name: str) -> dict[str, Tensor] | None:
+    path = out / name / "test_eval.pt"
+    return torch.load(path, weights_only=True) if path.is_file() else None
+
+
 def collect(out: Path) -> dict[str, Any]:
-    """Gather ``<out>/<config>/result.json`` of every configuration; write the summary."""
+    """Gather ``<out>/<config>/result.json`` of every configuration; write the summary.
+
+    Paired differences (same digits, same ``t``, same noise) are taken against the UNet and,
+    for a canonicalized configuration, against its smoothing control ``unet-rot-c<n>``; both
+    compare losses on different inputs (canonical, raw or randomly posed digits). The
+    same-input comparison of :func:`same_input_eval` (``cross.json``) is added when present.
+    """
     results = {}
     for name in CONFIGS:
         path = out / name / "result.json"
         if path.is_file():
             results[name] = json.loads(path.read_text())
-    # paired differences against the UNet (same digits, same t, same noise)
+    evals = {name: _test_eval(out, name) for name in results}
     for name, res in results.items():
-        path = out / name / "test_eval.pt"
-        if path.is_file():
-            res["test_loss_sem"] = standard_error(torch.load(path, weights_only=True)["loss"])
-    base = out / "unet" / "test_eval.pt"
-    if base.is_file():
-        ref = torch.load(base, weights_only=True)["loss"]
-        for name, res in results.items():
-            path = out / name / "test_eval.pt"
-            if name == "unet" or not path.is_file():
+        if evals[name] is not None:
+            res["test_loss_sem"] = standard_error(evals[name]["loss"])
+    for name, res in results.items():
+        ev, spec = evals[name], CONFIGS[name]
+        if ev is None or spec is None:
+            continue
+        for ref_name, key in (("unet", "diff_vs_unet"), (control_of(name), "diff_vs_control")):
+            ref = evals.get(ref_name) if ref_name else None
+            if ref is None or ref["loss"].shape != ev["loss"].shape:
                 continue
-            loss = torch.load(path, weights_only=True)["loss"]
-            if loss.shape != ref.shape:
-                continue
-            diff = loss - ref
-            res["diff_vs_unet"] = float(diff.mean())
-            res["diff_vs_unet_sem"] = standard_error(diff)
-            res.update(
-                split_by_interpolation(
-                    diff, torch.load(path, weights_only=True)["element"], CONFIGS[name][0]
-                )
-            )
+            diff = ev["loss"] - ref["loss"]
+            res[key] = float(diff.mean())
+            res[f"{key}_sem"] = standard_error(diff)
+            res.update(split_by_interpolation(diff, ev["element"], spec[0], key))
+        # the loss itself on exact and on interpolated poses (controls: the smoothing effect)
+        res.update(split_by_interpolation(ev["loss"], ev["element"], spec[0], "loss"))
+    cross_path = out / "cross.json"
+    cross = json.loads(cross_path.read_text()) if cross_path.is_file() else None
     config = None
     for name in results:
         config = json.loads((out / name / "config.json").read_text())
         break
-    summary = {"results": results, "published": PUBLISHED, "config": config}
+    summary = {"results": results, "published": PUBLISHED, "config": config, "cross": cross}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text(markdown_table(results, config))
+    (out / "results.md").write_text(markdown_table(results, config, cross))
     save_loss_curves(out, list(results))
     return summary
 
 
-def markdown_table(results: dict[str, dict[str, Any]], config: dict[str, Any] | None) -> str:
-    """The results table in Markdown (measured beside published)."""
+def _pm(mean: float, err: float, digits: int = 5) -> str:
+    return f"{mean:+.{digits}f} ± {err:.{digits}f}"
+
+
+def markdown_table(
+    results: dict[str, dict[str, Any]],
+    config: dict[str, Any] | None,
+    cross: dict[str, Any] | None = None,
+) -> str:
+    """The results table in Markdown (measured beside published), the split by exact and
+    interpolated poses, and the same-input comparison when ``cross`` is given."""
     lines = [
         "# Rotated MNIST: test reconstruction loss",
         "",
         "Test loss: mean squared error between true and predicted noise per pixel, over the "
         "test digits at random `t` (the same `t` and noise for every model). "
-        "Differences vs UNet are paired (mean ± standard error over test digits). "
+        "Differences are paired (mean ± standard error over test digits); the control of a "
+        "canonicalized model is the UNet on digits given a random pose of the same group. "
         "Orientation concentration: per-class mean resultant length of the canonical "
         "digits' orientations (1: every digit of a class in one pose; chance: no alignment).",
         "",
-        "| configuration | test loss (measured) | ± s.e. | Δ vs UNet (paired) | published "
+        "| configuration | test loss (measured) | ± s.e. | Δ vs UNet (paired) "
+        "| Δ vs control (paired) | published "
         "| steps | train wall-clock | params UNet / canon. | orientation conc. |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        diff = (
-            f"{r['diff_vs_unet']:+.5f} ± {r['diff_vs_unet_sem']:.5f}"
-            if "diff_vs_unet" in r
-            else "—"
-        )
+        diffs = [
+            _pm(r[key], r[f"{key}_sem"]) if key in r else "—"
+            for key in ("diff_vs_unet", "diff_vs_control")
+        ]
         conc = r.get("orientation_concentration")
         chance = r.get("orientation_chance")
+        published = r.get("published")
         lines.append(
             f"| {PUBLISHED_LABELS[name]} | {r['test_loss']:.5f} | {r['test_loss_sem']:.5f} "
-            f"| {diff} | {r['published']:.4f} | {r['steps']} | {r['train_seconds'] / 60:.1f} min "
+            f"| {diffs[0]} | {diffs[1]} | {'—' if published is None else f'{published:.4f}'} "
+            f"| {r['steps']} | {r['train_seconds'] / 60:.1f} min "
             f"| {r['parameters']['denoiser']:,} / {r['parameters']['canonicalizer']:,} "
             f"| {'—' if conc is None else f'{conc:.3f} (chance {chance:.3f})'} |"
         )
@@ -586,26 +639,51 @@ def markdown_table(results: dict[str, dict[str, Any]], config: dict[str, Any] | 
     if split:
         lines += [
             "",
-            "Paired difference vs UNet split by the canonical pose: exact (a multiple of 90 "
-            "degrees, a pixel permutation) or interpolated (bilinear, which also smooths "
-            "the digit).",
+            "Split by the pose of each test digit: exact (a multiple of 90 degrees, a pixel "
+            "permutation) or interpolated (bilinear, which also smooths the digit).",
             "",
-            "| configuration | interpolated fraction | Δ on exact poses "
-            "| Δ on interpolated poses |",
-            "|---|---|---|---|",
+            "| configuration | interpolated fraction | loss on exact poses "
+            "| loss on interpolated poses | Δ vs UNet, exact | Δ vs UNet, interpolated |",
+            "|---|---|---|---|---|---|",
         ]
         for name, r in split.items():
             cells = [
-                f"{r[f'diff_vs_unet_{key}']:+.5f} ± {r[f'diff_vs_unet_{key}_sem']:.5f}"
-                for key in ("exact", "interpolated")
+                f"{r[f'{key}_{part}']:.5f} ± {r[f'{key}_{part}_sem']:.5f}"
+                if key == "loss"
+                else _pm(r[f"{key}_{part}"], r[f"{key}_{part}_sem"])
+                if f"{key}_{part}" in r
+                else "—"
+                for key in ("loss", "diff_vs_unet")
+                for part in ("exact", "interpolated")
             ]
             lines.append(
-                f"| {PUBLISHED_LABELS[name]} | {r['interpolated_fraction']:.2f} "
-                f"| {cells[0]} | {cells[1]} |"
+                f"| {PUBLISHED_LABELS[name]} | {r['interpolated_fraction']:.2f} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    if cross:
+        lines += [
+            "",
+            "Same inputs: every denoiser scored on the canonical test digits of the "
+            "canonicalized model (same `t`, same noise); Δ = canonicalized model's denoiser "
+            "minus the other denoiser (paired).",
+            "",
+            "| inputs (canonical digits of) | loss of its own denoiser | Δ vs UNet's denoiser "
+            "| Δ vs control's denoiser |",
+            "|---|---|---|---|",
+        ]
+        for name, c in cross.items():
+            cells = [
+                _pm(c[key], c[f"{key}_sem"]) if key in c else "—"
+                for key in ("same_input_diff_vs_unet", "same_input_diff_vs_control")
+            ]
+            lines.append(
+                f"| {PUBLISHED_LABELS[name]} | {c['loss'][name]:.5f} | {cells[0]} | {cells[1]} |"
             )
     if config is not None:
         keys = (
             "preset",
+            "seed",
             "base_width",
             "channel_mults",
             "num_res_blocks",
@@ -623,6 +701,246 @@ def markdown_table(results: dict[str, dict[str, Any]], config: dict[str, Any] | 
         )
         lines += ["", "Settings: " + ", ".join(f"{k}={config.get(k)}" for k in keys)]
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------- same inputs
+def _load_trained(out: Path, name: str) -> tuple[CanonicalizedDiffusion, dict[str, Any]]:
+    """Configuration ``name`` of ``out`` with the weights it was evaluated with."""
+    cfg = json.loads((out / name / "config.json").read_text())
+    model = build_model(name, cfg)
+    path = find_latest_checkpoint(out / name / "checkpoints")
+    if path is None:
+        raise SystemExit(f"{out / name} has no checkpoint; run it first")
+    load_weights(model, path, cfg["weights"])
+    return model.eval(), cfg
+
+
+@torch.no_grad()
+def same_input_eval(
+    out: Path, data: str | None = None, progress: bool = False
+) -> dict[str, dict[str, Any]]:
+    """Score denoisers on the same input digits; writes ``<out>/cross.json``.
+
+    For every canonicalized configuration ``M`` in ``out`` (learned or frozen), the test
+    digits are put in ``M``'s canonical pose once; then ``M``'s denoiser, the plain UNet's
+    denoiser and the denoiser of ``M``'s smoothing control (``unet-rot-c<n>``) are each scored
+    on these same digits with the same ``t`` and noise (``--eval-seed``). A lower loss of
+    ``M``'s denoiser than the control's on identical inputs cannot come from easier inputs:
+    it is what training on aligned digits gave the denoiser. ``M``'s own loss is checked
+    against its ``test_eval.pt`` (the same computation).
+    """
+    names = [n for n in CONFIGS if (out / n / "result.json").is_file()]
+    aligned = [n for n in names if CONFIGS[n] is not None and CONFIGS[n][1] != "random"]
+    if not aligned:
+        raise SystemExit(f"no canonicalized configuration has finished in {out}")
+    cache: dict[str, CanonicalizedDiffusion] = {}
+
+    def denoiser_model(name: str) -> CanonicalizedDiffusion:
+        if name not in cache:
+            model, _ = _load_trained(out, name)
+            cache[name] = CanonicalizedDiffusion(
+                model.denoiser, None, schedule=model.schedule, space=TensorSpace()
+            )
+        return cache[name]
+
+    cross: dict[str, dict[str, Any]] = {}
+    for name in aligned:
+        model, cfg = _load_trained(out, name)
+        if data is not None:
+            cfg["data"] = data
+        own = _test_eval(out, name)
+        n_test = int(json.loads((out / name / "result.json").read_text())["test_images"])
+        images = load_data({**cfg, "test_images": n_test})[2]
+        canonical = torch.cat(
+            [
+                model.canonicalize(images[i : i + cfg["eval_batch"]]).canonical
+                for i in range(0, n_test, cfg["eval_batch"])
+            ]
+        )
+        scored = {name: None, "unet": None, control_of(name): None}
+        losses: dict[str, Tensor] = {}
+        for other in scored:
+            if other != name and not (out / other / "result.json").is_file():
+                continue
+            ev = denoising_test_loss(
+                denoiser_model(other),
+                canonical,
+                seed=cfg["eval_seed"],
+                batch_size=cfg["eval_batch"],
+                progress=progress,
+            )
+            losses[other] = ev["loss"]
+        if own is not None and not torch.allclose(losses[name], own["loss"], rtol=1e-4, atol=1e-7):
+            raise RuntimeError(
+                f"{name}: its loss on its own canonical digits differs from test_eval.pt "
+                f"(max {float((losses[name] - own['loss']).abs().max()):.3g}); the checkpoint "
+                "is not the evaluated model"
+            )
+        entry: dict[str, Any] = {
+            "n": CONFIGS[name][0],
+            "test_images": n_test,
+            "loss": {k: float(v.mean()) for k, v in losses.items()},
+        }
+        element = own["element"] if own is not None else torch.zeros(n_test, dtype=torch.long)
+        for other, key in (("unet", "unet"), (control_of(name), "control")):
+            if other in losses:
+                diff = losses[name] - losses[other]
+                full = f"same_input_diff_vs_{key}"
+                entry[full] = float(diff.mean())
+                entry[f"{full}_sem"] = standard_error(diff)
+                entry.update(split_by_interpolation(diff, element, CONFIGS[name][0], full))
+        cross[name] = entry
+        print(
+            f"[same inputs] {name}: " + ", ".join(f"{k} {v:.5f}" for k, v in entry["loss"].items())
+        )
+    (out / "cross.json").write_text(json.dumps(cross, indent=2))
+    return cross
+
+
+# ------------------------------------------------------------------------- seeds
+#: paired quantities aggregated over seeds (keys of ``result.json`` / ``cross.json``)
+SEED_KEYS = (
+    "test_loss",
+    "diff_vs_unet",
+    "diff_vs_control",
+    "loss_exact",
+    "loss_interpolated",
+    "diff_vs_unet_exact",
+    "diff_vs_unet_interpolated",
+    "interpolated_fraction",
+    "orientation_concentration",
+)
+CROSS_KEYS = (
+    "same_input_diff_vs_unet",
+    "same_input_diff_vs_control",
+    "same_input_diff_vs_control_exact",
+    "same_input_diff_vs_control_interpolated",
+)
+
+
+def _mean_sd(values: list[float]) -> dict[str, Any]:
+    t = torch.tensor(values, dtype=torch.float64)
+    sd = float(t.std()) if len(values) > 1 else float("nan")
+    return {"mean": float(t.mean()), "sd": sd, "values": values}
+
+
+def aggregate_seeds(runs: list[Path], out: Path) -> dict[str, Any]:
+    """Mean ± standard deviation over seeds (one folder of ``run`` per seed) of every paired
+    quantity; writes ``<out>/seeds.json``, ``seeds.md`` and ``seeds.png``."""
+    summaries = []
+    for run in runs:
+        path = run / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"{path} does not exist: run `report --out {run}` first")
+        summaries.append(json.loads(path.read_text()))
+    table: dict[str, dict[str, Any]] = {}
+    for name in CONFIGS:
+        per_seed = [s["results"].get(name) for s in summaries]
+        if any(r is None for r in per_seed):
+            continue
+        row: dict[str, Any] = {"seeds": [s["config"].get("seed") for s in summaries]}
+        for key in SEED_KEYS:
+            values = [r.get(key) for r in per_seed]
+            if all(v is not None for v in values):
+                row[key] = _mean_sd([float(v) for v in values])
+        crosses = [(s.get("cross") or {}).get(name) for s in summaries]
+        if all(c is not None for c in crosses):
+            for key in CROSS_KEYS:
+                values = [c.get(key) for c in crosses]
+                if all(v is not None for v in values):
+                    row[key] = _mean_sd([float(v) for v in values])
+        table[name] = row
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "seeds.json").write_text(
+        json.dumps({"runs": [str(r) for r in runs], "rows": table}, indent=2)
+    )
+    (out / "seeds.md").write_text(seeds_markdown(table, len(runs)))
+    save_seed_plot(table, out / "seeds.png")
+    return table
+
+
+def seeds_markdown(table: dict[str, dict[str, Any]], num_seeds: int) -> str:
+    """The tables of :func:`aggregate_seeds` in Markdown (mean ± sd over seeds)."""
+
+    def cell(row: dict[str, Any], key: str, signed: bool = True) -> str:
+        if key not in row:
+            return "—"
+        m, sd = row[key]["mean"], row[key]["sd"]
+        return f"{m:+.5f} ± {sd:.5f}" if signed else f"{m:.5f} ± {sd:.5f}"
+
+    lines = [
+        f"Mean ± standard deviation over {num_seeds} seeds of each per-seed (paired) mean.",
+        "",
+        "| configuration | test loss | Δ vs UNet | Δ vs control | loss on exact poses "
+        "| loss on interpolated poses | interpolated fraction | orientation conc. |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in table.items():
+        frac = row.get("interpolated_fraction")
+        conc = row.get("orientation_concentration")
+        lines.append(
+            f"| {PUBLISHED_LABELS[name]} | {cell(row, 'test_loss', False)} "
+            f"| {cell(row, 'diff_vs_unet')} | {cell(row, 'diff_vs_control')} "
+            f"| {cell(row, 'loss_exact', False)} | {cell(row, 'loss_interpolated', False)} "
+            f"| {'—' if frac is None else format(frac['mean'], '.2f')} "
+            f"| {'—' if conc is None else format(conc['mean'], '.3f')}"
+            f"{'' if conc is None else ' ± ' + format(conc['sd'], '.3f')} |"
+        )
+    same = {k: r for k, r in table.items() if "same_input_diff_vs_unet" in r}
+    if same:
+        lines += [
+            "",
+            "Same inputs (the canonicalized model's canonical test digits): its denoiser minus "
+            "the UNet's and minus its control's denoiser; the last two columns split the "
+            "difference to the control by exact and interpolated canonical poses.",
+            "",
+            "| canonicalized model | Δ vs UNet | Δ vs control | Δ vs control, exact poses "
+            "| Δ vs control, interpolated poses |",
+            "|---|---|---|---|---|",
+        ]
+        for name, row in same.items():
+            lines.append(
+                f"| {PUBLISHED_LABELS[name]} | "
+                + " | ".join(cell(row, key) for key in CROSS_KEYS)
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def save_seed_plot(table: dict[str, dict[str, Any]], path: Path) -> Path | None:
+    """Per-seed paired differences of each canonicalized model (dots) and their mean (bar)."""
+    rows = [(k, r) for k, r in table.items() if "diff_vs_unet" in r and control_of(k)]
+    if not rows:
+        return None
+    plt = _pyplot()
+    keys = [
+        ("diff_vs_unet", "vs UNet"),
+        ("diff_vs_control", "vs control"),
+        ("same_input_diff_vs_unet", "vs UNet, same inputs"),
+        ("same_input_diff_vs_control", "vs control, same inputs"),
+    ]
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2.5, 3.8))
+    width = 0.8 / len(keys)
+    for j, (key, label) in enumerate(keys):
+        xs, means = [], []
+        for i, (_, row) in enumerate(rows):
+            if key not in row:
+                continue
+            x = i + (j - (len(keys) - 1) / 2) * width
+            xs.append(x)
+            means.append(row[key]["mean"])
+            ax.scatter([x] * len(row[key]["values"]), row[key]["values"], s=10, color="k", zorder=3)
+        ax.bar(xs, means, width=width * 0.9, label=label, alpha=0.7)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([PUBLISHED_LABELS[k].replace("+UNet", "") for k, _ in rows], fontsize=8)
+    ax.set_ylabel("Δ test loss (canonicalized − other)")
+    ax.legend(fontsize=7)
+    ax.set_title("paired test-loss differences; dots: seeds, bars: means", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 # ------------------------------------------------------------------------- CLI
@@ -750,6 +1068,20 @@ def parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="rewrite results.json/.md from finished configs")
     rep.add_argument("--out", required=True, help="output folder of earlier runs")
+
+    same = sub.add_parser(
+        "same-inputs",
+        help="score every denoiser on each canonicalized model's canonical test digits",
+        description=same_input_eval.__doc__.split("\n")[0],
+    )
+    same.add_argument("--out", required=True, help="output folder of earlier runs")
+    same.add_argument("--data", default=None, help="MNIST folder (default: the runs' own)")
+    same.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    same.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    seeds = sub.add_parser("seeds", help="mean ± sd over seeds of the paired differences")
+    seeds.add_argument("--runs", nargs="+", required=True, help="one run folder per seed")
+    seeds.add_argument("--out", required=True, help="folder of seeds.json/.md/.png")
     return p
 
 
@@ -759,8 +1091,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     if args.command == "report":
         return collect(out)
+    if args.command == "seeds":
+        return aggregate_seeds([Path(r) for r in args.runs], out)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.command == "same-inputs":
+        same_input_eval(out, args.data, progress=not args.no_progress)
+        return collect(out)
     cfg = resolve_config(args)
     out.mkdir(parents=True, exist_ok=True)
     data = load_data(cfg)

@@ -15,6 +15,7 @@ from canonwrap.canonicalizers.base import Canonicalizer, CanonOutput, Frozen, fr
 from canonwrap.canonicalizers.basic import CenterOfMass, Identity, PCACanonicalizer, centre
 from canonwrap.canonicalizers.discrete_rotation import DiscreteRotationCanonicalizer
 from canonwrap.canonicalizers.egnn import EGNNCanonicalizer
+from canonwrap.canonicalizers.random_pose import RandomPose
 from canonwrap.canonicalizers.unit_range import UnitRange
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "EGNNCanonicalizer",
     "DiscreteRotationCanonicalizer",
     "UnitRange",
+    "RandomPose",
 ]
 
 _LAZY = {"EquiAdaptCanonicalizer": "canonwrap.canonicalizers.equiadapt"}

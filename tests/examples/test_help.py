@@ -11,7 +11,7 @@ from .conftest import load_example
 
 #: example -> argv prefixes whose --help is printed (sub-commands included)
 EXAMPLES = {
-    "rotmnist": [[], ["run"], ["report"]],
+    "rotmnist": [[], ["run"], ["report"], ["same-inputs"], ["seeds"]],
     "custom_group": [[]],
     "wrap_your_model": [[]],
     "plot_molecules": [[]],
@@ -87,6 +87,10 @@ def test_help_prints_and_exits_cleanly(name, prefix, capsys):
     assert text.startswith("usage:")
     if name == "rotmnist" and prefix == ["run"]:
         # choices, the default preset and both presets' values are listed
-        assert "{unet,canon-c8,canon-c16,canon-c32,canon-c16-frozen}" in text
+        flat = "".join(text.split())  # argparse wraps the list of choices at hyphens
+        assert (
+            "{unet,canon-c4,canon-c8,canon-c16,canon-c32,canon-c16-frozen,"
+            "unet-rot-c4,unet-rot-c8,unet-rot-c16,unet-rot-c32}" in flat
+        )
         assert "default: full" in text and "full preset: 64; quick: 16" in text
         assert "--train-steps" in text and "--steps " not in text

@@ -122,3 +122,64 @@ def test_rotmnist_smoke(tmp_path):
     # `report` rebuilds the same summary from the folders
     again = main(["report", "--out", str(out)])
     assert again["results"]["unet"]["test_loss"] == results["unet"]["test_loss"]
+
+
+def _tiny_argv(out, data, seed, configs):
+    return [
+        "run", "--out", str(out), "--data", str(data), "--quick", "--no-progress",
+        "--seed", str(seed), "--configs", *configs,
+        "--holdout", "32", "--test-images", "32", "--eval-batch", "16",
+        "--base-width", "8", "--channel-mults", "1", "2", "--num-res-blocks", "1",
+        "--canon-hidden", "1", "--canon-layers", "2", "--canon-downsample", "1",
+        "--batch-size", "16", "--train-steps", "2", "--num-samples", "2",
+        "--sample-steps", "2", "--timesteps", "50",
+    ]  # fmt: skip
+
+
+def test_rotmnist_controls_same_inputs_and_seeds(tmp_path):
+    """The smoothing controls (random C_n pose) and the exact C4 canonicalizer run; the
+    same-input scores reproduce each model's own loss, and `seeds` aggregates two seeds."""
+    data = tmp_path / "mnist"
+    make_idx(data, 96)
+    main = load_example("rotmnist").main
+    configs = ["unet", "canon-c4", "unet-rot-c4", "canon-c8", "unet-rot-c8"]
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}"
+        results = main(_tiny_argv(out, data, seed, configs))["results"]
+        runs.append(out)
+        assert set(results) == set(configs)
+        # C4 poses are pixel permutations: nothing is interpolated
+        assert results["canon-c4"]["interpolated_fraction"] == 0.0
+        assert results["unet-rot-c4"]["interpolated_fraction"] == 0.0
+        assert 0 < results["unet-rot-c8"]["interpolated_fraction"] < 1
+        for name in ("canon-c4", "canon-c8"):
+            assert math.isfinite(results[name]["diff_vs_control"])
+        assert "diff_vs_control" not in results["unet-rot-c8"]
+        summary = main(["same-inputs", "--out", str(out), "--no-progress"])
+        cross = summary["cross"]
+        assert set(cross) == {"canon-c4", "canon-c8"}
+        for name, entry in cross.items():
+            # its own denoiser on its own canonical digits is its test loss
+            assert entry["loss"][name] == pytest.approx(results[name]["test_loss"], rel=1e-5)
+            assert set(entry["loss"]) == {name, "unet", f"unet-rot-c{entry['n']}"}
+            diff = entry["loss"][name] - entry["loss"]["unet"]
+            assert entry["same_input_diff_vs_unet"] == pytest.approx(diff, abs=1e-9)
+        assert "Same inputs" in (out / "results.md").read_text()
+    # the control's pose is fixed per digit but changes with the seed (its salt)
+    evals = [torch.load(r / "unet-rot-c8" / "test_eval.pt", weights_only=True) for r in runs]
+    assert not torch.equal(evals[0]["element"], evals[1]["element"])
+
+    table = main(["seeds", "--runs", *map(str, runs), "--out", str(tmp_path / "agg")])
+    row = table["canon-c8"]
+    assert len(row["diff_vs_unet"]["values"]) == 2
+    losses = [
+        json.loads((r / "results.json").read_text())["results"]["canon-c8"]["test_loss"]
+        for r in runs
+    ]
+    assert row["test_loss"]["mean"] == pytest.approx(sum(losses) / 2)
+    assert "same_input_diff_vs_control" in row
+    assert (tmp_path / "agg" / "seeds.png").stat().st_size > 0
+    assert "Same inputs" in (tmp_path / "agg" / "seeds.md").read_text()
+    with pytest.raises(SystemExit, match="results.json"):
+        main(["seeds", "--runs", str(tmp_path / "nothing"), "--out", str(tmp_path / "agg2")])
