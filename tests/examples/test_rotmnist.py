@@ -170,6 +170,23 @@ def test_rotmnist_controls_same_inputs_and_seeds(tmp_path):
     evals = [torch.load(r / "unet-rot-c8" / "test_eval.pt", weights_only=True) for r in runs]
     assert not torch.equal(evals[0]["element"], evals[1]["element"])
 
+    # the sample metric: a (barely trained) digit classifier scores every configuration's samples
+    from canonwrap.metrics.digits import save_classifier, train_digit_classifier
+
+    train = RotatedMNIST(data, split="train", symmetric=True, test_size=32)
+    classifier, _ = train_digit_classifier(
+        train.images, train.labels, steps=2, batch_size=8, width=4, feature_dim=4
+    )
+    save_classifier(tmp_path / "clf.pt", classifier, {"steps": 2})
+    scored = main(
+        ["sample-metrics", "--out", str(runs[0]), "--classifier", str(tmp_path / "clf.pt")]
+    )
+    assert set(scored["rows"]) == set(configs)
+    for row in scored["rows"].values():
+        assert row["num_samples"] == 2 and row["num_reference"] == 32
+        assert math.isfinite(row["frechet"]) and row["frechet"] >= 0
+    assert "Fréchet" in (runs[0] / "sample_metrics.md").read_text()
+
     table = main(["seeds", "--runs", *map(str, runs), "--out", str(tmp_path / "agg")])
     row = table["canon-c8"]
     assert len(row["diff_vs_unet"]["values"]) == 2
