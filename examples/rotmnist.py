@@ -737,24 +737,30 @@ def same_input_eval(
     aligned = [n for n in names if CONFIGS[n] is not None and CONFIGS[n][1] != "random"]
     if not aligned:
         raise SystemExit(f"no canonicalized configuration has finished in {out}")
-    cache: dict[str, CanonicalizedDiffusion] = {}
+    cache: dict[str, CanonicalizedDiffusion] = {}  # each denoiser alone, loaded once
+
+    def plain(model: CanonicalizedDiffusion) -> CanonicalizedDiffusion:
+        return CanonicalizedDiffusion(
+            model.denoiser, None, schedule=model.schedule, space=TensorSpace()
+        )
 
     def denoiser_model(name: str) -> CanonicalizedDiffusion:
         if name not in cache:
-            model, _ = _load_trained(out, name)
-            cache[name] = CanonicalizedDiffusion(
-                model.denoiser, None, schedule=model.schedule, space=TensorSpace()
-            )
+            cache[name] = plain(_load_trained(out, name)[0])
         return cache[name]
 
+    test_images: dict[int, Tensor] = {}  # the same digits for every configuration
     cross: dict[str, dict[str, Any]] = {}
     for name in aligned:
         model, cfg = _load_trained(out, name)
+        cache.setdefault(name, plain(model))
         if data is not None:
             cfg["data"] = data
         own = _test_eval(out, name)
         n_test = int(json.loads((out / name / "result.json").read_text())["test_images"])
-        images = load_data({**cfg, "test_images": n_test})[2]
+        if n_test not in test_images:
+            test_images[n_test] = load_data({**cfg, "test_images": n_test})[2]
+        images = test_images[n_test]
         canonical = torch.cat(
             [
                 model.canonicalize(images[i : i + cfg["eval_batch"]]).canonical
