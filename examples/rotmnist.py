@@ -11,6 +11,10 @@ Commands::
 
     python examples/rotmnist.py run    --out runs/rotmnist [--quick] [--configs unet canon-c16]
     python examples/rotmnist.py report --out runs/rotmnist     # re-collect results only
+    python examples/rotmnist.py same-inputs    --out runs/rotmnist   # scores on identical inputs
+    python examples/rotmnist.py sample-metrics --out runs/rotmnist --classifier clf.pt
+    python examples/rotmnist.py budget         --out runs/rotmnist --classifier clf.pt
+    python examples/rotmnist.py seeds --runs runs/seed0 runs/seed1 --out runs/seeds
 
 ``run`` trains each configuration (checkpoints, exact resume with ``--resume``), then
 evaluates the **test reconstruction loss**: the mean squared error between the true and
@@ -83,7 +87,13 @@ from canonwrap.metrics.images import (
     standard_error,
 )
 from canonwrap.spaces import TensorSpace
-from canonwrap.training import EMA, Trainer, claim_run_folder, find_latest_checkpoint
+from canonwrap.training import (
+    EMA,
+    Trainer,
+    claim_run_folder,
+    find_latest_checkpoint,
+    list_checkpoints,
+)
 
 #: configuration name -> (group order n, pose): ``"learned"`` C_n canonicalizer, ``"frozen"``
 #: at its random initialisation, or ``"random"``: the smoothing control
@@ -445,7 +455,7 @@ def _run_config(
         grad_clip=cfg["grad_clip"],
         checkpoint_dir=ckpt_dir,
         checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=2,
+        keep_checkpoints=args.keep_checkpoints or None,
         log_every=args.log_every,
         max_steps=cfg["train_steps"],
         max_seconds=cfg["max_minutes"] * 60 if cfg["max_minutes"] else None,
@@ -808,6 +818,24 @@ def same_input_eval(
 
 
 # ------------------------------------------------------------------------- sample metric
+def haar_pose(name: str, samples: Tensor) -> Tensor:
+    """Samples of configuration ``name`` as the classifier scores them, clamped to [-1, 1].
+
+    Canonical-pose samples (a canonicalizer or a random pose) are turned by a Haar-random
+    element of their C_n (generator seeded with 4321, background corners); the plain UNet's
+    samples are returned as drawn.
+    """
+    from canonwrap.groups.images import CyclicRotations
+
+    spec = CONFIGS[name]
+    if spec is not None:
+        group = CyclicRotations(spec[0])
+        gen = torch.Generator().manual_seed(4321)
+        element = group.random(samples.shape[0], generator=gen)
+        samples = group.act(element, (samples + 1) / 2) * 2 - 1  # background stays -1
+    return samples.clamp(-1, 1)
+
+
 def sample_metrics(out: Path, classifier_path: str, data: str | None = None) -> dict[str, Any]:
     """Score the samples of every configuration in ``out`` with a digit classifier.
 
@@ -820,7 +848,6 @@ def sample_metrics(out: Path, classifier_path: str, data: str | None = None) -> 
     mean confidence and the class balance (entropy of the predicted classes; ln 10 = 2.303
     is perfectly balanced).
     """
-    from canonwrap.groups.images import CyclicRotations
     from canonwrap.metrics.digits import load_classifier, sample_report
 
     classifier, meta = load_classifier(classifier_path)
@@ -837,14 +864,8 @@ def sample_metrics(out: Path, classifier_path: str, data: str | None = None) -> 
             if data is not None:
                 cfg["data"] = data
             reference = load_data({**cfg, "test_images": None})[2]
-        spec = CONFIGS[name]
-        if spec is not None:
-            group = CyclicRotations(spec[0])
-            gen = torch.Generator().manual_seed(4321)
-            element = group.random(samples.shape[0], generator=gen)
-            samples = group.act(element, (samples + 1) / 2) * 2 - 1  # background stays -1
         with torch.no_grad():
-            report = sample_report(classifier, samples.clamp(-1, 1), reference)
+            report = sample_report(classifier, haar_pose(name, samples), reference)
         rows[name] = report
         print(f"[samples] {name}: Fréchet {report['frechet']:.1f}", flush=True)
     if not rows:
@@ -862,6 +883,133 @@ def sample_metrics(out: Path, classifier_path: str, data: str | None = None) -> 
         )
     (out / "sample_metrics.md").write_text("\n".join(lines) + "\n")
     return summary
+
+
+# ------------------------------------------------------------------------- training budget
+@torch.no_grad()
+def sample_budget(
+    out: Path,
+    classifier_path: str,
+    steps: list[int] | None = None,
+    data: str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Sample quality against training steps, from the checkpoints each configuration kept.
+
+    For every configuration in ``out`` and every kept checkpoint (``run --keep-checkpoints
+    0`` keeps all; ``--checkpoint-steps`` selects some), the weights the run evaluates with
+    (``raw`` or ``ema``, its ``--weights``) draw the run's number of samples with its DDIM
+    sampler and sample seed, so that checkpoints differ only in their weights. The samples
+    are scored as in ``sample-metrics`` (:func:`haar_pose`, then the digit classifier against the
+    held-out digits). For scale, as many *real* training digits as samples are scored the
+    same way (the classifier was trained on these digits, randomly rotated, so their
+    confidence is a little optimistic). Writes ``<out>/budget.json``, ``budget.md``,
+    ``budget.png`` (Fréchet distance and confidence against steps) and
+    ``budget_samples_<config>.png`` (12 samples per checkpoint, in the pose drawn).
+    """
+    from canonwrap.metrics.digits import load_classifier, sample_report
+
+    classifier, meta = load_classifier(classifier_path)
+    classifier.eval()
+    wanted = None if steps is None else set(steps)
+    rows: dict[str, list[dict[str, Any]]] = {}
+    reference = real = None
+    for name in CONFIGS:
+        folder = out / name
+        if not (folder / "config.json").is_file():
+            continue
+        found = [
+            (step, path)
+            for step, path in list_checkpoints(folder / "checkpoints")
+            if wanted is None or step in wanted
+        ]
+        if not found:
+            continue
+        cfg = json.loads((folder / "config.json").read_text())
+        if data is not None:
+            cfg["data"] = data
+        if reference is None:
+            train, _, reference = load_data({**cfg, "test_images": None})
+            gen = torch.Generator().manual_seed(cfg["eval_seed"])
+            pick = torch.randperm(len(train), generator=gen)[: cfg["num_samples"]]
+            real = torch.stack([train[int(i)][0] for i in pick])
+        model = build_model(name, cfg)
+        entries, shown = [], []
+        for step, path in found:
+            load_weights(model, path, cfg["weights"])
+            model.eval()
+            start = time.perf_counter()
+            samples = model.sample(
+                cfg["num_samples"],
+                shape=(1, 28, 28),
+                sampler=DDIMSampler(cfg["sample_steps"]),
+                generator=torch.Generator().manual_seed(cfg["eval_seed"] + 1),
+                progress=progress,
+            )
+            report = sample_report(classifier, haar_pose(name, samples), reference)
+            report.update(step=step, sample_seconds=time.perf_counter() - start)
+            entries.append(report)
+            shown.append((f"step {step}", samples[:12]))
+            print(
+                f"[budget] {name} step {step}: Fréchet {report['frechet']:.1f}, "
+                f"confidence {report['confidence']:.3f}",
+                flush=True,
+            )
+        rows[name] = entries
+        save_image_rows(
+            shown,
+            out / f"budget_samples_{name}.png",
+            f"{name}: samples ({cfg['weights']} weights, DDIM {cfg['sample_steps']} steps) "
+            "against training steps",
+        )
+    if not rows:
+        raise SystemExit(f"no checkpoints under {out}/<config>/checkpoints; run a configuration")
+    real_report = sample_report(classifier, real, reference)
+    summary = {"classifier": meta, "rows": rows, "real_digits": real_report}
+    (out / "budget.json").write_text(json.dumps(summary, indent=2))
+    lines = [
+        "| configuration | steps | Fréchet distance | confidence | class entropy |",
+        "|---|---|---|---|---|",
+    ]
+    for name, entries in rows.items():
+        for r in entries:
+            lines.append(
+                f"| {PUBLISHED_LABELS[name]} | {r['step']} | {r['frechet']:.1f} "
+                f"| {r['confidence']:.3f} | {r['class_entropy']:.3f} |"
+            )
+    lines.append(
+        f"| real training digits ({real_report['num_samples']}) | — "
+        f"| {real_report['frechet']:.1f} | {real_report['confidence']:.3f} "
+        f"| {real_report['class_entropy']:.3f} |"
+    )
+    (out / "budget.md").write_text("\n".join(lines) + "\n")
+    save_budget_plot(rows, real_report, out / "budget.png")
+    return summary
+
+
+def save_budget_plot(
+    rows: dict[str, list[dict[str, Any]]], real: dict[str, Any], path: Path
+) -> Path | None:
+    """Fréchet distance (log scale) and confidence of the samples against training steps."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, entries in rows.items():
+        x = [r["step"] for r in entries]
+        for ax, key in ((axes[0], "frechet"), (axes[1], "confidence")):
+            ax.plot(x, [r[key] for r in entries], marker="o", label=PUBLISHED_LABELS[name])
+    for ax, key, label in (
+        (axes[0], "frechet", "Fréchet distance (log)"),
+        (axes[1], "confidence", "classifier confidence"),
+    ):
+        ax.axhline(real[key], color="k", ls="--", lw=1, label="real digits, same count")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+    axes[0].set_yscale("log")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 # ------------------------------------------------------------------------- seeds
@@ -1113,6 +1261,13 @@ def parser() -> argparse.ArgumentParser:
         help="training steps between checkpoints (default: %(default)s)",
     )
     run.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=2,
+        help="newest checkpoints kept per configuration; 0 keeps all, e.g. for "
+        "`budget` (default: %(default)s)",
+    )
+    run.add_argument(
         "--log-every",
         type=int,
         default=25,
@@ -1154,6 +1309,26 @@ def parser() -> argparse.ArgumentParser:
     smp.add_argument("--data", default=None, help="MNIST folder (default: the runs' own)")
     smp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
+    bud = sub.add_parser(
+        "budget",
+        help="sample quality against training steps, from the kept checkpoints",
+        description=sample_budget.__doc__.split("\n")[0],
+    )
+    bud.add_argument("--out", required=True, help="output folder of earlier runs")
+    bud.add_argument(
+        "--classifier", required=True, help="classifier file from examples/digit_classifier.py"
+    )
+    bud.add_argument(
+        "--checkpoint-steps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="training steps of the checkpoints to score (default: every kept checkpoint)",
+    )
+    bud.add_argument("--data", default=None, help="MNIST folder (default: the runs' own)")
+    bud.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    bud.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
     seeds = sub.add_parser("seeds", help="mean ± sd over seeds of the paired differences")
     seeds.add_argument("--runs", nargs="+", required=True, help="one run folder per seed")
     seeds.add_argument("--out", required=True, help="folder of seeds.json/.md/.png")
@@ -1172,6 +1347,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     if args.command == "sample-metrics":
         return sample_metrics(out, args.classifier, args.data)
+    if args.command == "budget":
+        return sample_budget(
+            out, args.classifier, args.checkpoint_steps, args.data, progress=not args.no_progress
+        )
     if args.command == "same-inputs":
         same_input_eval(out, args.data, progress=not args.no_progress)
         return collect(out)

@@ -71,6 +71,7 @@ from canonwrap.training.checkpoint import (
     CHECKPOINT_FORMAT,
     atomic_torch_save,
     find_latest_checkpoint,
+    list_checkpoints,
 )
 from canonwrap.training.clipping import GradNormQueue, clip_grad_adaptive
 from canonwrap.training.distributed import distributed_sampler_loader
@@ -90,6 +91,7 @@ __all__ = [
     "Trainer",
     "atomic_torch_save",
     "find_latest_checkpoint",
+    "list_checkpoints",
     "distributed_sampler_loader",
     "get_rng_state",
     "set_rng_state",

@@ -76,6 +76,26 @@ def find_latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     return files[-1][1] if files else None
 
 
+def list_checkpoints(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``ckpt_<step>.pt`` file in ``directory``, oldest first.
+
+    An empty list if the folder does not exist or holds no checkpoint. The files are not
+    read here; load one with [`read_checkpoint`][canonwrap.training.read_checkpoint] or
+    [`load_weights`][canonwrap.evaluation.load_weights], which verify it.
+
+    Parameters
+    ----------
+    directory : path
+        A checkpoint folder (a Trainer's ``checkpoint_dir``).
+
+    Raises
+    ------
+    ValueError
+        If an entry named like a checkpoint is no regular file.
+    """
+    return _checkpoint_files(Path(directory))
+
+
 def _prune_checkpoints(directory: Path, keep: int, current: Path) -> None:
     """Delete all but the newest ``keep`` checkpoints of ``directory``, never ``current``."""
     files = _checkpoint_files(directory, strict=False)

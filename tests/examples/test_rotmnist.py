@@ -200,3 +200,48 @@ def test_rotmnist_controls_same_inputs_and_seeds(tmp_path):
     assert "Same inputs" in (tmp_path / "agg" / "seeds.md").read_text()
     with pytest.raises(SystemExit, match="results.json"):
         main(["seeds", "--runs", str(tmp_path / "nothing"), "--out", str(tmp_path / "agg2")])
+
+
+def test_rotmnist_budget_scores_every_kept_checkpoint(tmp_path):
+    """`budget` samples from every kept checkpoint; at the last one it reproduces the run's
+    own samples' scores (`sample-metrics`), and earlier weights give other samples."""
+    data = tmp_path / "mnist"
+    make_idx(data, 96)
+    main = load_example("rotmnist").main
+    out = tmp_path / "run"
+    argv = _tiny_argv(out, data, 0, ["unet", "canon-c8"])
+    argv[argv.index("--train-steps") + 1] = "6"
+    main([*argv, "--checkpoint-every", "2", "--keep-checkpoints", "0"])
+    for name in ("unet", "canon-c8"):
+        steps = [p.name for p in sorted((out / name / "checkpoints").glob("ckpt_*.pt"))]
+        assert len(steps) == 3, steps  # all kept (the default keeps the newest 2)
+
+    from canonwrap.metrics.digits import save_classifier, train_digit_classifier
+
+    train = RotatedMNIST(data, split="train", symmetric=True, test_size=32)
+    classifier, _ = train_digit_classifier(
+        train.images, train.labels, steps=2, batch_size=8, width=4, feature_dim=4
+    )
+    save_classifier(tmp_path / "clf.pt", classifier, {"steps": 2})
+    clf = str(tmp_path / "clf.pt")
+    scored = main(["sample-metrics", "--out", str(out), "--classifier", clf])
+    budget = main(["budget", "--out", str(out), "--classifier", clf, "--no-progress"])
+    assert set(budget["rows"]) == {"unet", "canon-c8"}
+    for name, entries in budget["rows"].items():
+        assert [e["step"] for e in entries] == [2, 4, 6]
+        last, first = entries[-1], entries[0]
+        assert last["frechet"] == pytest.approx(scored["rows"][name]["frechet"], rel=1e-6)
+        assert last["confidence"] == pytest.approx(scored["rows"][name]["confidence"], rel=1e-6)
+        assert first["frechet"] != pytest.approx(last["frechet"], rel=1e-6)
+        assert (out / f"budget_samples_{name}.png").stat().st_size > 0
+    real = budget["real_digits"]
+    assert real["num_samples"] == 2 and math.isfinite(real["frechet"])
+    assert (out / "budget.png").stat().st_size > 0
+    assert "real training digits" in (out / "budget.md").read_text()
+
+    only = main(["budget", "--out", str(out), "--classifier", clf, "--checkpoint-steps", "4"])
+    assert [e["step"] for e in only["rows"]["unet"]] == [4]
+    for key in ("frechet", "confidence"):
+        assert only["rows"]["unet"][0][key] == pytest.approx(budget["rows"]["unet"][1][key])
+    with pytest.raises(SystemExit, match="no checkpoints"):
+        main(["budget", "--out", str(out), "--classifier", clf, "--checkpoint-steps", "3"])

@@ -239,3 +239,18 @@ def test_orphan_temporary_files_are_removed_at_start(tmp_path):
         trainer.fit()
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [".notes.tmp", "ckpt_000000001.pt", "log.jsonl"]
+
+
+def test_list_checkpoints_orders_by_step_and_refuses_folders(tmp_path):
+    from canonwrap.training import list_checkpoints
+
+    assert list_checkpoints(tmp_path / "missing") == []
+    for step in (10, 2, 300):
+        (tmp_path / f"ckpt_{step:09d}.pt").write_bytes(b"x")
+    (tmp_path / "ckpt_7.pt.tmp").write_bytes(b"x")  # not a checkpoint name
+    (tmp_path / "log.jsonl").write_text("")
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 10, 300]
+    assert list_checkpoints(tmp_path)[-1][1] == find_latest_checkpoint(tmp_path)
+    (tmp_path / "ckpt_000000400.pt").mkdir()
+    with pytest.raises(ValueError, match="folder"):
+        list_checkpoints(tmp_path)
