@@ -1033,6 +1033,10 @@ CROSS_KEYS = (
 )
 
 
+#: sample-metric quantities aggregated over seeds (keys of ``sample_metrics.json`` rows)
+SAMPLE_KEYS = ("frechet", "confidence", "class_entropy")
+
+
 def _mean_sd(values: list[float]) -> dict[str, Any]:
     t = torch.tensor(values, dtype=torch.float64)
     sd = float(t.std()) if len(values) > 1 else float("nan")
@@ -1047,7 +1051,11 @@ def aggregate_seeds(runs: list[Path], out: Path) -> dict[str, Any]:
         path = run / "results.json"
         if not path.is_file():
             raise SystemExit(f"{path} does not exist: run `report --out {run}` first")
-        summaries.append(json.loads(path.read_text()))
+        summary = json.loads(path.read_text())
+        metrics = run / "sample_metrics.json"  # from `sample-metrics`, if it was run
+        if metrics.is_file():
+            summary["samples"] = json.loads(metrics.read_text())["rows"]
+        summaries.append(summary)
     table: dict[str, dict[str, Any]] = {}
     for name in CONFIGS:
         per_seed = [s["results"].get(name) for s in summaries]
@@ -1064,6 +1072,14 @@ def aggregate_seeds(runs: list[Path], out: Path) -> dict[str, Any]:
                 values = [c.get(key) for c in crosses]
                 if all(v is not None for v in values):
                     row[key] = _mean_sd([float(v) for v in values])
+        samples = [(s.get("samples") or {}).get(name) for s in summaries]
+        unet = [(s.get("samples") or {}).get("unet") for s in summaries]
+        if all(r is not None for r in samples):
+            for key in SAMPLE_KEYS:
+                row[f"sample_{key}"] = _mean_sd([float(r[key]) for r in samples])
+            if name != "unet" and all(u is not None for u in unet):
+                diffs = [float(r["frechet"] - u["frechet"]) for r, u in zip(samples, unet)]
+                row["sample_frechet_vs_unet"] = _mean_sd(diffs)
         table[name] = row
     out.mkdir(parents=True, exist_ok=True)
     (out / "seeds.json").write_text(
@@ -1081,7 +1097,14 @@ def seeds_markdown(table: dict[str, dict[str, Any]], num_seeds: int) -> str:
         if key not in row:
             return "—"
         m, sd = row[key]["mean"], row[key]["sd"]
+        if not math.isfinite(m):  # e.g. no interpolated pose under C4
+            return "— (none)"
         return f"{m:+.5f} ± {sd:.5f}" if signed else f"{m:.5f} ± {sd:.5f}"
+
+    def plain(row: dict[str, Any], key: str, fmt: str) -> str:
+        if key not in row:
+            return "—"
+        return f"{format(row[key]['mean'], fmt)} ± {format(row[key]['sd'], fmt.lstrip('+'))}"
 
     lines = [
         f"Mean ± standard deviation over {num_seeds} seeds of each per-seed (paired) mean.",
@@ -1118,6 +1141,24 @@ def seeds_markdown(table: dict[str, dict[str, Any]], num_seeds: int) -> str:
                 f"| {PUBLISHED_LABELS[name]} | "
                 + " | ".join(cell(row, key) for key in CROSS_KEYS)
                 + " |"
+            )
+    scored = {k: r for k, r in table.items() if "sample_frechet" in r}
+    if scored:
+        lines += [
+            "",
+            "Samples (`sample-metrics`: digit-classifier features against the held-out digits; "
+            "canonical-pose samples turned by a Haar-random element of their C_n first). "
+            "Δ Fréchet vs UNet is paired within each seed (the same sample seed).",
+            "",
+            "| configuration | Fréchet distance | Δ Fréchet vs UNet | confidence | class entropy |",
+            "|---|---|---|---|---|",
+        ]
+        for name, row in scored.items():
+            lines.append(
+                f"| {PUBLISHED_LABELS[name]} | {plain(row, 'sample_frechet', '.1f')} "
+                f"| {plain(row, 'sample_frechet_vs_unet', '+.1f')} "
+                f"| {plain(row, 'sample_confidence', '.3f')} "
+                f"| {plain(row, 'sample_class_entropy', '.3f')} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -186,6 +186,8 @@ def test_rotmnist_controls_same_inputs_and_seeds(tmp_path):
         assert row["num_samples"] == 2 and row["num_reference"] == 32
         assert math.isfinite(row["frechet"]) and row["frechet"] >= 0
     assert "Fréchet" in (runs[0] / "sample_metrics.md").read_text()
+    clf = str(tmp_path / "clf.pt")
+    other = main(["sample-metrics", "--out", str(runs[1]), "--classifier", clf])
 
     table = main(["seeds", "--runs", *map(str, runs), "--out", str(tmp_path / "agg")])
     row = table["canon-c8"]
@@ -196,6 +198,15 @@ def test_rotmnist_controls_same_inputs_and_seeds(tmp_path):
     ]
     assert row["test_loss"]["mean"] == pytest.approx(sum(losses) / 2)
     assert "same_input_diff_vs_control" in row
+    # the sample metric over seeds, and its paired difference to the UNet within each seed
+    fds = [scored["rows"]["canon-c8"]["frechet"], other["rows"]["canon-c8"]["frechet"]]
+    assert row["sample_frechet"]["mean"] == pytest.approx(sum(fds) / 2)
+    unet_fds = [scored["rows"]["unet"]["frechet"], other["rows"]["unet"]["frechet"]]
+    assert row["sample_frechet_vs_unet"]["values"] == pytest.approx(
+        [a - b for a, b in zip(fds, unet_fds)]
+    )
+    assert "sample_frechet_vs_unet" not in table["unet"]
+    assert "nan" not in (tmp_path / "agg" / "seeds.md").read_text()  # C4: "— (none)"
     assert (tmp_path / "agg" / "seeds.png").stat().st_size > 0
     assert "Same inputs" in (tmp_path / "agg" / "seeds.md").read_text()
     with pytest.raises(SystemExit, match="results.json"):
