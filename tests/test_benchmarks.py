@@ -98,12 +98,32 @@ def test_paired_nll_pairs_the_draws(tmp_path):
     res = paired.main([*runs, runs[0], "--nll-size", "8", "--threads", "1",
                        "--out", str(tmp_path / "paired.json")])
     # a run against itself: the same draws give a difference of exactly zero
-    assert res["paired_difference_to_first"][runs[0]] == {"mean": 0.0, "se": 0.0}
+    assert res["paired_difference_to_first"][runs[0]] == {
+        "mean": 0.0, "se": 0.0, "draws_shared": True
+    }
     # two different models: a real difference, equal to the gap between their means
     diff = res["paired_difference_to_first"][runs[1]]
-    assert diff["mean"] != 0.0 and 0 < diff["se"]
+    assert diff["mean"] != 0.0 and 0 < diff["se"] and diff["draws_shared"]
     mean_gap = res["runs"][runs[1]]["mean"] - res["runs"][runs[0]]["mean"]
     assert diff["mean"] == pytest.approx(mean_gap, rel=1e-9, abs=1e-9)
     assert json.loads((tmp_path / "paired.json").read_text())["nll_size"] == 8
+
+    # flow matching against diffusion: paired by molecule only (other draws)
+    flow = tmp_path / "flow"
+    qm9.main(["train", "--model", "pca-transformer", "--objective", "flow", "--out", str(flow),
+              "--max-steps", "2", *TRAIN])
+    mixed = paired.main([runs[1], str(flow), "--nll-size", "8", "--threads", "1",
+                         "--flow-method", "midpoint", "--flow-steps", "4"])
+    assert mixed["objectives"] == {runs[1]: "diffusion", str(flow): "flow"}
+    d = mixed["paired_difference_to_first"][str(flow)]
+    assert d["draws_shared"] is False and 0 < d["se"]
+    gap = mixed["runs"][str(flow)]["mean"] - mixed["runs"][runs[1]]["mean"]
+    assert d["mean"] == pytest.approx(gap, rel=1e-9, abs=1e-9)
+    # the solver options reach the flow model's nll (and only the flow model's)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        paired.main([runs[1], str(flow), "--nll-size", "8", "--flow-method", "midpoint",
+                     "--flow-steps", "0"])
+    assert paired.main([runs[0], runs[1], "--nll-size", "8", "--flow-method", "midpoint",
+                        "--flow-steps", "0"])["paired_difference_to_first"][runs[1]]["se"] > 0
     with pytest.raises(SystemExit):
         paired.main([runs[0]])  # one run: nothing to compare
