@@ -13,6 +13,7 @@ the invariant distribution.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,6 +155,23 @@ class CanonicalizedDiffusion(CanonicalizedModel):
         alpha = space.expand(self.schedule.alpha(gamma), x, template)
         sigma = space.expand(self.schedule.sigma(gamma), x, template)
         return alpha, sigma
+
+    def _clipped_eps(
+        self,
+        space: Space,
+        z: State,
+        eps_hat: State,
+        steps: Tensor,
+        template: Any,
+        clip: tuple[float, float],
+    ) -> State:
+        """``eps_hat`` recomputed from the clean-data prediction clamped to ``clip``."""
+        alpha, sigma = self._alpha_sigma(space, steps, z, template)
+        out = []
+        for zi, ei, a, s in zip(z, eps_hat, alpha, sigma):
+            x_hat = ((zi - s * ei) / a).clamp(*clip)
+            out.append((zi - a * x_hat) / s)
+        return tuple(out)
 
     def _noisy(self, space: Space, x: State, eps: State, steps: Tensor, template: Any) -> State:
         """``z_t = alpha_t x + sigma_t eps`` at integer ``steps [B]``."""
@@ -334,6 +352,7 @@ class CanonicalizedDiffusion(CanonicalizedModel):
         dtype: torch.dtype | None = None,
         device: Any = None,
         max_graph_bytes: float | None = None,
+        clip_denoised: tuple[float, float] | None = None,
     ) -> Any:
         """Draw samples by running the reverse process of the denoiser alone.
 
@@ -377,6 +396,16 @@ class CanonicalizedDiffusion(CanonicalizedModel):
             ``None``: the device's total memory (CPU: physical memory; no check where it
             cannot be read). Pass a larger number, or ``math.inf``, to sample anyway, e.g.
             with a denoiser that builds no graph.
+        clip_denoised
+            ``(low, high)``: the range of bounded tensor data (images in ``[-1, 1]``: pass
+            ``(-1.0, 1.0)``). At every step the predicted clean data
+            ``x_hat = (z_t - sigma_t eps_hat) / alpha_t`` is clamped to it and ``eps_hat``
+            recomputed from the clamped ``x_hat`` before the sampler moves (clipped sampling,
+            Ho et al. 2020), and the final samples are clamped. Near ``t = T``, ``alpha_t``
+            is small and an unclipped ``x_hat`` multiplies the prediction's error by
+            ``1 / alpha_t``; samples of bounded data then often leave its range for good.
+            Default ``None``: no clipping (required for point clouds, whose positions are
+            not bounded).
 
         Returns
         -------
@@ -388,7 +417,8 @@ class CanonicalizedDiffusion(CanonicalizedModel):
         ------
         ValueError
             When the memory estimate of the graphs exceeds ``max_graph_bytes`` (the message
-            shows the estimate).
+            shows the estimate), or ``clip_denoised`` is no finite ``(low, high)`` with
+            ``low < high`` or is given for data other than tensors.
         FloatingPointError
             When the denoiser returned NaN/Inf at some step (the first such step is named;
             it is tracked on the device, without a synchronisation per step), or the samples
@@ -401,6 +431,7 @@ class CanonicalizedDiffusion(CanonicalizedModel):
             num_samples, shape, num_nodes, generator, dtype, device, max_graph_bytes
         )
         b = space.num_samples(template)
+        clip = _check_clip(clip_denoised, space)
         x_like = space.state(template)
         z = space.noise(x_like, template, generator)
         steps = sampler.steps(self.timesteps)
@@ -419,6 +450,8 @@ class CanonicalizedDiffusion(CanonicalizedModel):
             s_vec = torch.full((b,), s_int, dtype=torch.long, device=device)
             eps_hat = self._predict(space, z, template, t_vec)
             first_bad = torch.where((first_bad < 0) & ~_all_finite(eps_hat), int(t_int), first_bad)
+            if clip is not None:
+                eps_hat = self._clipped_eps(space, z, eps_hat, t_vec, template, clip)
             g_t = space.expand(self._gamma(t_vec, dtype), z, template)
             g_s = space.expand(self._gamma(s_vec, dtype), z, template)
             noise = space.noise(z, template, generator) if sampler.stochastic else (None,) * len(z)
@@ -439,6 +472,8 @@ class CanonicalizedDiffusion(CanonicalizedModel):
             noise = space.noise(z, template, generator)
             x = tuple(xi + (si / ai) * ni for xi, ni, ai, si in zip(x, noise, a0, s0))
         x = space.project(x, template)
+        if clip is not None:
+            x = tuple(xi.clamp(*clip) for xi in x)
         if bar is not None:
             bar.update(1)
             bar.close()
@@ -456,3 +491,23 @@ class CanonicalizedDiffusion(CanonicalizedModel):
             )
         out = space.to_data(x, template)
         return self._posed(out, b, randomize_pose, generator, dtype, device)
+
+
+def _check_clip(clip: Any, space: Space) -> tuple[float, float] | None:
+    """``clip_denoised`` of ``sample`` as ``(low, high)`` floats, or ``None``."""
+    if clip is None:
+        return None
+    from canonwrap.spaces import TensorSpace
+
+    try:
+        low, high = (float(v) for v in clip)
+    except (TypeError, ValueError):
+        raise ValueError(f"clip_denoised must be a pair (low, high); got {clip!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"clip_denoised must be finite with low < high; got {clip!r}")
+    if not isinstance(space, TensorSpace):
+        raise ValueError(
+            f"clip_denoised bounds tensor data such as images; this model's data space is "
+            f"{type(space).__name__}, whose states are not bounded (pass None)"
+        )
+    return low, high

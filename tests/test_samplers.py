@@ -208,3 +208,73 @@ def test_dpm_solver_arguments():
     assert not s.stochastic and not s.final_noise
     assert repr(s) == "DPMSolverSampler(num_steps=20, order=2, lower_order_final=True)"
     assert isinstance(s, Sampler)
+
+
+class _PointMass(torch.nn.Module):
+    """Exact noise prediction for data at the point ``x_star``: ``(z - alpha_t x*) / sigma_t``."""
+
+    def __init__(self, schedule, x_star):
+        super().__init__()
+        self.schedule = schedule
+        self.register_buffer("x_star", x_star)
+
+    def forward(self, z, t):
+        g = self.schedule.gamma(t)
+        a, s = torch.sigmoid(-g).sqrt()[:, None], torch.sigmoid(g).sqrt()[:, None]
+        return (z - a * self.x_star) / s
+
+
+def _point_mass_samples(x_star, sampler, clip, n=64):
+    sched = PolynomialSchedule(1000)
+    model = CanonicalizedDiffusion(_PointMass(sched, x_star), schedule=sched, space=TensorSpace())
+    gen = torch.Generator().manual_seed(3)
+    return model.sample(
+        n, shape=(x_star.numel(),), sampler=sampler, generator=gen, dtype=torch.float64,
+        clip_denoised=clip,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("sampler", [DDIMSampler(50), AncestralSampler(), DPMSolverSampler(20)])
+def test_clip_denoised_changes_nothing_when_predictions_are_in_range(sampler):
+    x_star = torch.tensor([-0.9, -0.3, 0.0, 0.4, 0.85], dtype=torch.float64)
+    clipped = _point_mass_samples(x_star, sampler, (-1.0, 1.0))
+    plain = _point_mass_samples(x_star, sampler, None)
+    torch.testing.assert_close(clipped, plain, rtol=0, atol=1e-10)
+    if not sampler.stochastic:  # deterministic samplers land on the point exactly
+        torch.testing.assert_close(clipped, x_star.expand_as(clipped), rtol=0, atol=1e-9)
+
+
+def test_clip_denoised_bounds_the_clean_prediction_at_every_step():
+    # negative control: data outside the range is reproduced without clipping ...
+    x_star = torch.tensor([1.5, -0.2, -3.0], dtype=torch.float64)
+    plain = _point_mass_samples(x_star, DDIMSampler(50), None)
+    torch.testing.assert_close(plain, x_star.expand_as(plain), rtol=0, atol=1e-9)
+    # ... and with clipping every prediction, hence the sample, is the range's nearest point
+    clipped = _point_mass_samples(x_star, DDIMSampler(50), (-1.0, 1.0))
+    expect = torch.tensor([1.0, -0.2, -1.0], dtype=torch.float64).expand_as(clipped)
+    torch.testing.assert_close(clipped, expect, rtol=0, atol=1e-9)
+    # a denoiser predicting no noise at all: x_hat = z / alpha_t explodes near t = T
+    sched = PolynomialSchedule(1000)
+
+    class NoNoise(torch.nn.Module):
+        def forward(self, z, t):
+            return torch.zeros_like(z)
+
+    model = CanonicalizedDiffusion(NoNoise(), schedule=sched, space=TensorSpace())
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    wild = model.sample(32, shape=(4,), sampler=DDIMSampler(50), generator=gen())
+    tame = model.sample(
+        32, shape=(4,), sampler=DDIMSampler(50), generator=gen(), clip_denoised=(-1, 1)
+    )
+    assert wild.abs().max() > 10
+    assert tame.abs().max() <= 1
+
+
+def test_clip_denoised_arguments():
+    sched = PolynomialSchedule(100)
+    model = CanonicalizedDiffusion(_PointMass(sched, torch.zeros(2)), schedule=sched)
+    for bad in [(1.0, -1.0), (0.0, float("nan")), (0.0,), "ab", 3.0]:
+        with pytest.raises(ValueError, match="clip_denoised"):
+            model.sample(2, shape=(2,), sampler=DDIMSampler(2), clip_denoised=bad)
+    with pytest.raises(ValueError, match="not bounded"):
+        _molecule_model().sample(num_nodes=[3], sampler=DDIMSampler(2), clip_denoised=(-1, 1))
