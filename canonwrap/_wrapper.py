@@ -390,7 +390,12 @@ class CanonicalizedModel(nn.Module):
             group = self.canonicalizer.group
             if group.is_compact:
                 g = group.random(b, generator=generator, dtype=dtype, device=device)
-                out = group.act(g, out)
+                if isinstance(out, Tensor):
+                    # the canonicalizer's own action (``UnitRange``: corners that a rotation
+                    # brings in take the background value, not 0)
+                    out = self.canonicalizer.apply_inverse(out, group.inverse(g))
+                else:
+                    out = group.act(g, out)
         return out
 
     # ------------------------------------------------------------------ public API

@@ -318,3 +318,26 @@ def test_randomize_pose_acts_with_compact_groups_only():
         for i in range(2):  # rotations keep the pairwise distances of each cloud
             a, b = plain.pos[plain.batch == i], posed.pos[posed.batch == i]
             assert torch.allclose(torch.cdist(a, a), torch.cdist(b, b), rtol=1e-4, atol=1e-4)
+
+
+def test_randomize_pose_of_images_pads_with_the_background():
+    """A Haar-random C_8 pose of an all-background image is all background: rotations act as
+    the canonicalizer does (``UnitRange``: corners take the value ``low``), not with zeros."""
+    pytest.importorskip("escnn")
+    from canonwrap.images import image_diffusion
+
+    model = image_diffusion(8, base_width=8, seed=0).double().eval()
+    background = torch.full((64, 1, 12, 12), -1.0, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    posed = model._posed(background, 64, True, gen, torch.float64, torch.device("cpu"))
+    torch.testing.assert_close(posed, background, rtol=0, atol=1e-12)
+    # negative control: the bare group action pads with zeros at 45 degree elements
+    group = model.canonicalizer.group
+    g = group.random(64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert (group.act(g, background) == 0).any()
+    # and a digit-like image keeps its values inside [-1, 1], its pose changed for some samples
+    img = background.clone()
+    img[:, :, 3:9, 5:7] = 1.0
+    turned = model._posed(img, 64, True, torch.Generator().manual_seed(1), torch.float64, "cpu")
+    assert turned.min() >= -1 - 1e-12 and turned.max() <= 1 + 1e-12
+    assert not torch.equal(turned, img)
