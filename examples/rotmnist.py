@@ -179,6 +179,7 @@ FULL: dict[str, Any] = dict(
     eval_batch=100,
     num_samples=64,
     sample_steps=50,
+    clip_samples=1,
     timesteps=1000,
     schedule="cosine",
 )
@@ -201,6 +202,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),
     },
 }
+
+
+#: range of the digits' grey levels, to which clipped sampling (``--clip-samples 1``) clamps
+#: the predicted clean digit at every step
+CLIP = (-1.0, 1.0)
 
 
 # ------------------------------------------------------------------------- building
@@ -490,21 +496,15 @@ def _run_config(
 
     # samples in canonical pose (DDIM, deterministic after the prior draw)
     start = time.perf_counter()
-    gen = torch.Generator().manual_seed(cfg["eval_seed"] + 1)
-    samples = model.sample(
-        cfg["num_samples"],
-        shape=(1, 28, 28),
-        sampler=DDIMSampler(cfg["sample_steps"]),
-        generator=gen,
-        progress=progress,
-    )
+    samples = draw_samples(model, cfg, bool(cfg["clip_samples"]), progress)
     sample_s = time.perf_counter() - start
     torch.save(samples.detach().cpu(), folder / "samples.pt")  # for sample metrics
     shown = min(64, samples.shape[0])
     save_grid(
         samples[:shown],
         folder / "samples.png",
-        f"{name}: {shown} of {cfg['num_samples']} samples (DDIM, {cfg['sample_steps']} steps)",
+        f"{name}: {shown} of {cfg['num_samples']} samples (DDIM, {cfg['sample_steps']} steps"
+        f"{', clipped' if cfg['clip_samples'] else ''})",
     )
     if spec is not None:
         k = min(16, n_test)
@@ -821,6 +821,22 @@ def same_input_eval(
 
 
 # ------------------------------------------------------------------------- sample metric
+@torch.no_grad()
+def draw_samples(
+    model: CanonicalizedDiffusion, cfg: dict[str, Any], clipped: bool, progress: bool = False
+) -> Tensor:
+    """A run's samples: ``cfg["num_samples"]`` digits (canonical pose) with its DDIM sampler
+    and sample seed (``eval_seed + 1``), clipped to :data:`CLIP` or not."""
+    return model.sample(
+        cfg["num_samples"],
+        shape=(1, 28, 28),
+        sampler=DDIMSampler(cfg["sample_steps"]),
+        generator=torch.Generator().manual_seed(cfg["eval_seed"] + 1),
+        progress=progress,
+        clip_denoised=CLIP if clipped else None,
+    )
+
+
 def haar_pose(name: str, samples: Tensor) -> Tensor:
     """Samples of configuration ``name`` as the classifier scores them, clamped to [-1, 1].
 
@@ -839,7 +855,9 @@ def haar_pose(name: str, samples: Tensor) -> Tensor:
     return samples.clamp(-1, 1)
 
 
-def sample_metrics(out: Path, classifier_path: str, data: str | None = None) -> dict[str, Any]:
+def sample_metrics(
+    out: Path, classifier_path: str, data: str | None = None, clip: bool | None = None
+) -> dict[str, Any]:
     """Score the samples of every configuration in ``out`` with a digit classifier.
 
     The classifier (``examples/digit_classifier.py``) is trained on randomly rotated training
@@ -850,6 +868,11 @@ def sample_metrics(out: Path, classifier_path: str, data: str | None = None) -> 
     ``sample_metrics.md``: Fréchet distance of the classifier's features, the classifier's
     mean confidence and the class balance (entropy of the predicted classes; ln 10 = 2.303
     is perfectly balanced).
+
+    ``clip`` (``--clip-samples``): when it differs from a run's own clipped sampling (runs
+    made before that option did not clip), that configuration's samples are drawn again from
+    its evaluated weights with the run's sampler and seed, clipped as asked, instead of read
+    from ``samples.pt``. Each row records ``clipped`` and ``redrawn``.
     """
     from canonwrap.metrics.digits import load_classifier, sample_report
 
@@ -861,28 +884,33 @@ def sample_metrics(out: Path, classifier_path: str, data: str | None = None) -> 
         path = out / name / "samples.pt"
         if not path.is_file():
             continue
-        samples = torch.load(path, weights_only=True).float()
+        cfg = json.loads((out / name / "config.json").read_text())
+        if data is not None:
+            cfg["data"] = data
+        own = bool(cfg.get("clip_samples", 0))
+        clipped = own if clip is None else bool(clip)
+        if clipped == own:
+            samples = torch.load(path, weights_only=True).float()
+        else:
+            samples = draw_samples(_load_trained(out, name)[0], cfg, clipped)
         if reference is None:
-            cfg = json.loads((out / name / "config.json").read_text())
-            if data is not None:
-                cfg["data"] = data
             reference = load_data({**cfg, "test_images": None})[2]
         with torch.no_grad():
             report = sample_report(classifier, haar_pose(name, samples), reference)
-        rows[name] = report
+        rows[name] = {**report, "clipped": clipped, "redrawn": clipped != own}
         print(f"[samples] {name}: Fréchet {report['frechet']:.1f}", flush=True)
     if not rows:
         raise SystemExit(f"no samples.pt in {out}; run the configurations first")
     summary = {"classifier": meta, "rows": rows}
     (out / "sample_metrics.json").write_text(json.dumps(summary, indent=2))
     lines = [
-        "| configuration | samples | Fréchet distance | confidence | class entropy |",
-        "|---|---|---|---|---|",
+        "| configuration | samples | clipped | Fréchet distance | confidence | class entropy |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         lines.append(
-            f"| {PUBLISHED_LABELS[name]} | {r['num_samples']} | {r['frechet']:.1f} "
-            f"| {r['confidence']:.3f} | {r['class_entropy']:.3f} |"
+            f"| {PUBLISHED_LABELS[name]} | {r['num_samples']} | {'yes' if r['clipped'] else 'no'} "
+            f"| {r['frechet']:.1f} | {r['confidence']:.3f} | {r['class_entropy']:.3f} |"
         )
     (out / "sample_metrics.md").write_text("\n".join(lines) + "\n")
     return summary
@@ -896,16 +924,18 @@ def sample_budget(
     steps: list[int] | None = None,
     data: str | None = None,
     progress: bool = False,
+    clip: bool | None = None,
 ) -> dict[str, Any]:
     """Sample quality against training steps, from the checkpoints each configuration kept.
 
-    For every configuration in ``out`` and every kept checkpoint (``run --keep-checkpoints
-    0`` keeps all; ``--checkpoint-steps`` selects some), the weights the run evaluates with
-    (``raw`` or ``ema``, its ``--weights``) draw the run's number of samples with its DDIM
-    sampler and sample seed, so that checkpoints differ only in their weights. The samples
-    are scored as in ``sample-metrics`` (:func:`haar_pose`, then the digit classifier against the
-    held-out digits). For scale, as many *real* training digits as samples are scored the
-    same way (the classifier was trained on these digits, randomly rotated, so their
+    For every configuration in ``out`` and every kept checkpoint (``run --keep-checkpoints 0``
+    keeps all; ``--checkpoint-steps`` selects some), the weights the run evaluates with (``raw``
+    or ``ema``, its ``--weights``) draw the run's number of samples with its DDIM sampler and
+    sample seed, so that checkpoints differ only in their weights; ``clip`` (``--clip-samples``)
+    overrides the run's clipped sampling (runs made before that option did not clip). The
+    samples are scored as in ``sample-metrics`` (:func:`haar_pose`, then the digit classifier
+    against the held-out digits). For scale, as many *real* training digits as samples are
+    scored the same way (the classifier was trained on these digits, randomly rotated, so their
     confidence is a little optimistic). Writes ``<out>/budget.json``, ``budget.md``,
     ``budget.png`` (Fréchet distance and confidence against steps) and
     ``budget_samples_<config>.png`` (12 samples per checkpoint, in the pose drawn).
@@ -931,6 +961,7 @@ def sample_budget(
         cfg = json.loads((folder / "config.json").read_text())
         if data is not None:
             cfg["data"] = data
+        clipped = bool(cfg.get("clip_samples", 0)) if clip is None else bool(clip)
         if reference is None:
             train, _, reference = load_data({**cfg, "test_images": None})
             gen = torch.Generator().manual_seed(cfg["eval_seed"])
@@ -942,15 +973,9 @@ def sample_budget(
             load_weights(model, path, cfg["weights"])
             model.eval()
             start = time.perf_counter()
-            samples = model.sample(
-                cfg["num_samples"],
-                shape=(1, 28, 28),
-                sampler=DDIMSampler(cfg["sample_steps"]),
-                generator=torch.Generator().manual_seed(cfg["eval_seed"] + 1),
-                progress=progress,
-            )
+            samples = draw_samples(model, cfg, clipped, progress)
             report = sample_report(classifier, haar_pose(name, samples), reference)
-            report.update(step=step, sample_seconds=time.perf_counter() - start)
+            report.update(step=step, clipped=clipped, sample_seconds=time.perf_counter() - start)
             entries.append(report)
             shown.append((f"step {step}", samples[:12]))
             print(
@@ -962,8 +987,8 @@ def sample_budget(
         save_image_rows(
             shown,
             out / f"budget_samples_{name}.png",
-            f"{name}: samples ({cfg['weights']} weights, DDIM {cfg['sample_steps']} steps) "
-            "against training steps",
+            f"{name}: samples ({cfg['weights']} weights, DDIM {cfg['sample_steps']} steps"
+            f"{', clipped' if clipped else ''}) against training steps",
         )
     if not rows:
         raise SystemExit(f"no checkpoints under {out}/<config>/checkpoints; run a configuration")
@@ -971,17 +996,17 @@ def sample_budget(
     summary = {"classifier": meta, "rows": rows, "real_digits": real_report}
     (out / "budget.json").write_text(json.dumps(summary, indent=2))
     lines = [
-        "| configuration | steps | Fréchet distance | confidence | class entropy |",
-        "|---|---|---|---|---|",
+        "| configuration | steps | clipped | Fréchet distance | confidence | class entropy |",
+        "|---|---|---|---|---|---|",
     ]
     for name, entries in rows.items():
         for r in entries:
             lines.append(
-                f"| {PUBLISHED_LABELS[name]} | {r['step']} | {r['frechet']:.1f} "
-                f"| {r['confidence']:.3f} | {r['class_entropy']:.3f} |"
+                f"| {PUBLISHED_LABELS[name]} | {r['step']} | {'yes' if r['clipped'] else 'no'} "
+                f"| {r['frechet']:.1f} | {r['confidence']:.3f} | {r['class_entropy']:.3f} |"
             )
     lines.append(
-        f"| real training digits ({real_report['num_samples']}) | — "
+        f"| real training digits ({real_report['num_samples']}) | — | — "
         f"| {real_report['frechet']:.1f} | {real_report['confidence']:.3f} "
         f"| {real_report['class_entropy']:.3f} |"
     )
@@ -1080,6 +1105,7 @@ def aggregate_seeds(runs: list[Path], out: Path) -> dict[str, Any]:
         if all(r is not None for r in samples):
             for key in SAMPLE_KEYS:
                 row[f"sample_{key}"] = _mean_sd([float(r[key]) for r in samples])
+            row["sample_clipped"] = sorted({bool(r.get("clipped", False)) for r in samples})
             if name != "unet" and all(u is not None for u in unet):
                 diffs = [float(r["frechet"] - u["frechet"]) for r, u in zip(samples, unet)]
                 row["sample_frechet_vs_unet"] = _mean_sd(diffs)
@@ -1147,10 +1173,15 @@ def seeds_markdown(table: dict[str, dict[str, Any]], num_seeds: int) -> str:
             )
     scored = {k: r for k, r in table.items() if "sample_frechet" in r}
     if scored:
+        kinds = {c for r in scored.values() for c in r.get("sample_clipped", [False])}
+        how = {frozenset([True]): "clipped", frozenset([False]): "not clipped"}.get(
+            frozenset(kinds), "clipped in some runs only"
+        )
         lines += [
             "",
             "Samples (`sample-metrics`: digit-classifier features against the held-out digits; "
-            "canonical-pose samples turned by a Haar-random element of their C_n first). "
+            "canonical-pose samples turned by a Haar-random element of their C_n first; "
+            f"sampling {how}). "
             "Δ Fréchet vs UNet is paired within each seed (the same sample seed).",
             "",
             "| configuration | Fréchet distance | Δ Fréchet vs UNet | confidence | class entropy |",
@@ -1220,6 +1251,8 @@ PRESET_HELP: dict[str, str] = {
     "grad_clip": "gradient clipping norm",
     "ema_decay": "decay of the exponential moving average of the weights",
     "weights": "weights evaluated and sampled: raw or their EMA",
+    "clip_samples": "clipped sampling: the predicted clean digit clamped to [-1, 1] at every "
+    "step (1) or not (0; runs made before this option did not clip)",
     "train_steps": "training steps per configuration",
     "max_minutes": "training time budget per configuration, in minutes",
     "train_size": "training digits used (None: all)",
@@ -1317,7 +1350,7 @@ def parser() -> argparse.ArgumentParser:
         default=25,
         help="training steps per logged loss window (default: %(default)s)",
     )
-    kinds = {"max_minutes": float, "channel_mults": int, "attention": int}
+    kinds = {"max_minutes": float, "channel_mults": int, "attention": int, "clip_samples": int}
     for key, value in PRESETS["full"].items():
         kind = kinds.get(key, type(value) if value is not None else int)
         extra: dict[str, Any] = {"nargs": "+"} if key == "channel_mults" else {}
@@ -1350,6 +1383,14 @@ def parser() -> argparse.ArgumentParser:
     smp.add_argument(
         "--classifier", required=True, help="classifier file from examples/digit_classifier.py"
     )
+    smp.add_argument(
+        "--clip-samples",
+        type=int,
+        choices=[0, 1],
+        default=None,
+        help="score clipped (1) or unclipped (0) samples, drawn again where the run's own "
+        "setting differs (default: each run's own; runs made before that option: 0)",
+    )
     smp.add_argument("--data", default=None, help="MNIST folder (default: the runs' own)")
     smp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
@@ -1368,6 +1409,14 @@ def parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         help="training steps of the checkpoints to score (default: every kept checkpoint)",
+    )
+    bud.add_argument(
+        "--clip-samples",
+        type=int,
+        choices=[0, 1],
+        default=None,
+        help="clipped sampling (1) or not (0) (default: each run's own --clip-samples; "
+        "runs made before that option: 0)",
     )
     bud.add_argument("--data", default=None, help="MNIST folder (default: the runs' own)")
     bud.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -1390,10 +1439,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.command == "sample-metrics":
-        return sample_metrics(out, args.classifier, args.data)
+        clip = None if args.clip_samples is None else bool(args.clip_samples)
+        return sample_metrics(out, args.classifier, args.data, clip)
     if args.command == "budget":
         return sample_budget(
-            out, args.classifier, args.checkpoint_steps, args.data, progress=not args.no_progress
+            out,
+            args.classifier,
+            args.checkpoint_steps,
+            args.data,
+            progress=not args.no_progress,
+            clip=None if args.clip_samples is None else bool(args.clip_samples),
         )
     if args.command == "same-inputs":
         same_input_eval(out, args.data, progress=not args.no_progress)

@@ -250,6 +250,19 @@ def test_rotmnist_budget_scores_every_kept_checkpoint(tmp_path):
     assert (out / "budget.png").stat().st_size > 0
     assert "real training digits" in (out / "budget.md").read_text()
 
+    # clipped sampling is the default; unclipped samples are drawn again on request
+    for name in ("unet", "canon-c8"):
+        assert scored["rows"][name]["clipped"] and not scored["rows"][name]["redrawn"]
+        assert budget["rows"][name][-1]["clipped"]
+    raw = main(["sample-metrics", "--out", str(out), "--classifier", clf, "--clip-samples", "0"])
+    raw_budget = main(["budget", "--out", str(out), "--classifier", clf, "--clip-samples", "0",
+                       "--checkpoint-steps", "6"])  # fmt: skip
+    for name in ("unet", "canon-c8"):
+        row = raw["rows"][name]
+        assert row["redrawn"] and not row["clipped"]
+        assert row["frechet"] == pytest.approx(raw_budget["rows"][name][0]["frechet"], rel=1e-6)
+        assert row["frechet"] != pytest.approx(scored["rows"][name]["frechet"], rel=1e-6)
+
     only = main(["budget", "--out", str(out), "--classifier", clf, "--checkpoint-steps", "4"])
     assert [e["step"] for e in only["rows"]["unet"]] == [4]
     for key in ("frechet", "confidence"):
