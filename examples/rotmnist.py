@@ -1119,6 +1119,59 @@ def aggregate_seeds(runs: list[Path], out: Path) -> dict[str, Any]:
     return table
 
 
+def compare_settings(
+    runs: list[Path], against: list[Path], configs: list[str], out: Path | None = None
+) -> dict[str, Any]:
+    """The same configurations trained with two settings, paired per seed and per digit.
+
+    ``runs[i]`` and ``against[i]`` must be runs of one seed (the same digits, test ``t`` and
+    noise: their ``test_eval.pt`` files are compared digit by digit). For every configuration,
+    the per-seed mean of ``loss(runs) - loss(against)`` with its standard error over digits,
+    and the mean ± sd of those means over seeds. Writes ``<out>/compare.json`` and
+    ``compare.md`` when ``out`` is given.
+    """
+    if len(runs) != len(against) or not runs:
+        raise SystemExit("give as many --against folders as --runs folders (one per seed)")
+    rows: dict[str, Any] = {}
+    for name in configs:
+        per_seed = []
+        for a, b in zip(runs, against):
+            ea, eb = _test_eval(a, name), _test_eval(b, name)
+            if ea is None or eb is None:
+                raise SystemExit(f"{name}: test_eval.pt missing in {a if ea is None else b}")
+            if not torch.equal(ea["t"], eb["t"]):
+                raise SystemExit(f"{name}: {a} and {b} were not scored with the same test t")
+            diff = (ea["loss"] - eb["loss"]).double()
+            per_seed.append({"mean": float(diff.mean()), "se": standard_error(diff)})
+        rows[name] = {
+            "per_seed": per_seed,
+            "over_seeds": _mean_sd([p["mean"] for p in per_seed]),
+        }
+    summary = {"runs": [str(r) for r in runs], "against": [str(r) for r in against], "rows": rows}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.json").write_text(json.dumps(summary, indent=2))
+        lines = [
+            f"Test loss of `{runs[0]}` ... minus `{against[0]}` ... (same seed, same digits, "
+            "same t and noise): per-seed mean ± s.e. over digits, then mean ± sd over seeds.",
+            "",
+            "| configuration | "
+            + " | ".join(f"seed run {i}" for i in range(len(runs)))
+            + " | mean ± sd over seeds |",
+            "|---|" + "---|" * (len(runs) + 1),
+        ]
+        for name, row in rows.items():
+            cells = [f"{p['mean']:+.5f} ± {p['se']:.5f}" for p in row["per_seed"]]
+            o = row["over_seeds"]
+            lines.append(
+                f"| {PUBLISHED_LABELS[name]} | "
+                + " | ".join(cells)
+                + f" | {o['mean']:+.5f} ± {o['sd']:.5f} |"
+            )
+        (out / "compare.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
 def seeds_markdown(table: dict[str, dict[str, Any]], num_seeds: int) -> str:
     """The tables of :func:`aggregate_seeds` in Markdown (mean ± sd over seeds)."""
 
@@ -1422,6 +1475,21 @@ def parser() -> argparse.ArgumentParser:
     bud.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     bud.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+    cmp = sub.add_parser(
+        "compare",
+        help="the same configurations under two settings, paired per seed and digit",
+        description=compare_settings.__doc__.split("\n")[0],
+    )
+    cmp.add_argument("--runs", nargs="+", required=True, help="one run folder per seed")
+    cmp.add_argument(
+        "--against", nargs="+", required=True, help="the other setting's folders, same seeds"
+    )
+    cmp.add_argument(
+        "--configs", nargs="+", required=True, choices=list(CONFIGS), metavar="CONFIG",
+        help="configurations present in both",
+    )  # fmt: skip
+    cmp.add_argument("--out", default=None, help="folder of compare.json/.md (default: none)")
+
     seeds = sub.add_parser("seeds", help="mean ± sd over seeds of the paired differences")
     seeds.add_argument("--runs", nargs="+", required=True, help="one run folder per seed")
     seeds.add_argument("--out", required=True, help="folder of seeds.json/.md/.png")
@@ -1431,11 +1499,18 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the command given by ``argv``; returns the summary (``results.json``)."""
     args = parser().parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out) if args.out is not None else None
     if args.command == "report":
         return collect(out)
     if args.command == "seeds":
         return aggregate_seeds([Path(r) for r in args.runs], out)
+    if args.command == "compare":
+        return compare_settings(
+            [Path(r) for r in args.runs],
+            [Path(r) for r in args.against],
+            args.configs,
+            Path(args.out) if args.out else None,
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.command == "sample-metrics":

@@ -212,6 +212,19 @@ def test_rotmnist_controls_same_inputs_and_seeds(tmp_path):
     with pytest.raises(SystemExit, match="results.json"):
         main(["seeds", "--runs", str(tmp_path / "nothing"), "--out", str(tmp_path / "agg2")])
 
+    # `compare`: one configuration under two settings (here: seed 1 against seed 0 and back),
+    # paired digit by digit on the same test t and noise
+    cmp = main(["compare", "--runs", str(runs[1]), str(runs[0]), "--against", str(runs[0]),
+                str(runs[1]), "--configs", "canon-c8", "--out", str(tmp_path / "cmp")])
+    per_seed = cmp["rows"]["canon-c8"]["per_seed"]
+    assert per_seed[0]["mean"] == pytest.approx(losses[1] - losses[0], rel=1e-5)
+    assert per_seed[1]["mean"] == pytest.approx(-per_seed[0]["mean"], rel=1e-9)
+    assert cmp["rows"]["canon-c8"]["over_seeds"]["mean"] == pytest.approx(0.0, abs=1e-9)
+    assert "canon(C8)+UNet" in (tmp_path / "cmp" / "compare.md").read_text()
+    with pytest.raises(SystemExit, match="as many"):
+        main(["compare", "--runs", str(runs[0]), "--against", str(runs[0]), str(runs[1]),
+              "--configs", "canon-c8"])
+
 
 def test_rotmnist_budget_scores_every_kept_checkpoint(tmp_path):
     """`budget` samples from every kept checkpoint; at the last one it reproduces the run's
