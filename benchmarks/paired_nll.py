@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
         "nll_size": args.nll_size,
         "seed": args.seed,
-        "objectives": {
-            run: cfg.get("objective", "diffusion") for run, cfg in zip(args.runs, configs)
-        },
+        "objectives": dict(zip(args.runs, objectives)),
         "runs": {run: dict(zip(("mean", "se"), _mean_se(v))) for run, v in per.items()},
         "paired_difference_to_first": differences,
     }

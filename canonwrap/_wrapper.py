@@ -392,7 +392,9 @@ class CanonicalizedModel(nn.Module):
                 g = group.random(b, generator=generator, dtype=dtype, device=device)
                 if isinstance(out, Tensor):
                     # the canonicalizer's own action (``UnitRange``: corners that a rotation
-                    # brings in take the background value, not 0)
+                    # brings in take the background value, not 0); point clouds keep the bare
+                    # action, since their canonicalizers' ``normalize`` would re-centre samples
+                    # that are centred already
                     out = self.canonicalizer.apply_inverse(out, group.inverse(g))
                 else:
                     out = group.act(g, out)

@@ -721,9 +721,26 @@ def markdown_table(
 
 
 # ------------------------------------------------------------------------- same inputs
-def _load_trained(out: Path, name: str) -> tuple[CanonicalizedDiffusion, dict[str, Any]]:
-    """Configuration ``name`` of ``out`` with the weights it was evaluated with."""
+def _saved_config(out: Path, name: str, data: str | None = None) -> dict[str, Any]:
+    """The settings configuration ``name`` of ``out`` ran with, its MNIST folder replaced by
+    ``data`` when given."""
     cfg = json.loads((out / name / "config.json").read_text())
+    if data is not None:
+        cfg["data"] = data
+    return cfg
+
+
+def _clipped(cfg: dict[str, Any], clip: bool | None = None) -> bool:
+    """Whether to clip samples: ``clip`` if given, else the run's own ``clip_samples`` (runs
+    made before that option did not clip)."""
+    return bool(cfg.get("clip_samples", 0)) if clip is None else bool(clip)
+
+
+def _load_trained(
+    out: Path, name: str, data: str | None = None
+) -> tuple[CanonicalizedDiffusion, dict[str, Any]]:
+    """Configuration ``name`` of ``out`` with the weights it was evaluated with."""
+    cfg = _saved_config(out, name, data)
     model = build_model(name, cfg)
     path = find_latest_checkpoint(out / name / "checkpoints")
     if path is None:
@@ -765,10 +782,8 @@ def same_input_eval(
     test_images: dict[int, Tensor] = {}  # the same digits for every configuration
     cross: dict[str, dict[str, Any]] = {}
     for name in aligned:
-        model, cfg = _load_trained(out, name)
+        model, cfg = _load_trained(out, name, data)
         cache.setdefault(name, plain(model))
-        if data is not None:
-            cfg["data"] = data
         own = _test_eval(out, name)
         n_test = int(json.loads((out / name / "result.json").read_text())["test_images"])
         if n_test not in test_images:
@@ -884,11 +899,8 @@ def sample_metrics(
         path = out / name / "samples.pt"
         if not path.is_file():
             continue
-        cfg = json.loads((out / name / "config.json").read_text())
-        if data is not None:
-            cfg["data"] = data
-        own = bool(cfg.get("clip_samples", 0))
-        clipped = own if clip is None else bool(clip)
+        cfg = _saved_config(out, name, data)
+        own, clipped = _clipped(cfg), _clipped(cfg, clip)
         if clipped == own:
             samples = torch.load(path, weights_only=True).float()
         else:
@@ -958,10 +970,8 @@ def sample_budget(
         ]
         if not found:
             continue
-        cfg = json.loads((folder / "config.json").read_text())
-        if data is not None:
-            cfg["data"] = data
-        clipped = bool(cfg.get("clip_samples", 0)) if clip is None else bool(clip)
+        cfg = _saved_config(out, name, data)
+        clipped = _clipped(cfg, clip)
         if reference is None:
             train, _, reference = load_data({**cfg, "test_images": None})
             gen = torch.Generator().manual_seed(cfg["eval_seed"])
