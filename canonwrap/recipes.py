@@ -46,6 +46,7 @@ __all__ = [
     "DIFFUSION_SAMPLERS",
     "sampling_options",
     "OBJECTIVES",
+    "COUPLINGS",
 ]
 
 Denoiser = Literal["gnn", "egnn", "transformer"]
@@ -56,6 +57,12 @@ OBJECTIVES: tuple[str, ...] = ("diffusion", "flow")
 """Training objectives: ``"diffusion"``
 ([`CanonicalizedDiffusion`][canonwrap.diffusion.CanonicalizedDiffusion]) or ``"flow"``
 ([`CanonicalizedFlowMatching`][canonwrap.flow.CanonicalizedFlowMatching])."""
+COUPLINGS: tuple[str, ...] = ("independent", "rotation", "assignment", "rotation+assignment")
+"""How flow matching pairs noise with data in training (see
+[`AlignedPrior`][canonwrap.flow.AlignedPrior]): ``"independent"`` draws them independently;
+``"rotation"`` rotates each noise molecule onto its canonical data (Kabsch);
+``"assignment"`` re-labels noise atoms to data atoms by optimal assignment within each
+atom type; ``"rotation+assignment"`` does both (assignment first)."""
 SHORTHANDS: dict[str, tuple[str, str]] = {
     "gdm": ("gnn", "com"),
     "edm": ("egnn", "com"),
@@ -127,6 +134,14 @@ class QM9ModelConfig:
     objective : str
         One of ``OBJECTIVES``: ``"diffusion"`` (default) or ``"flow"`` (flow matching with
         the same denoiser, canonicalizer and molecule space, no noise schedule).
+    coupling : str
+        Flow matching only: one of ``COUPLINGS``, how noise is paired with data in
+        training (default ``"independent"``).
+    canonical_noise : bool
+        Flow matching only: start the flow from canonical poses of the noise, in training
+        and sampling (see
+        [`CanonicalizedFlowMatching`][canonwrap.flow.CanonicalizedFlowMatching]; such a
+        model has no ``nll``).
     """
 
     denoiser: str = "transformer"
@@ -142,6 +157,8 @@ class QM9ModelConfig:
     anchor_weight: float = 0.1
     timesteps: int = 1000
     objective: str = "diffusion"
+    coupling: str = "independent"
+    canonical_noise: bool = False
 
 
 def preset_config(
@@ -302,15 +319,37 @@ def qm9_model(cfg: QM9ModelConfig, node_counts=None) -> CanonicalizedModel:
         raise ValueError(
             f"unknown objective {cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}"
         )
+    if cfg.coupling not in COUPLINGS:
+        raise ValueError(
+            f"unknown coupling {cfg.coupling!r}; choose one of {', '.join(COUPLINGS)}"
+        )
+    if cfg.objective != "flow" and (cfg.coupling != "independent" or cfg.canonical_noise):
+        raise ValueError(
+            f"coupling={cfg.coupling!r} and canonical_noise={cfg.canonical_noise} are options "
+            f"of flow matching; the objective is {cfg.objective!r}"
+        )
     atom_types = QM9_HEAVY_ATOM_TYPES if cfg.remove_h else QM9_ATOM_TYPES
     num_features = len(atom_types) + 1
     space = MoleculeSpace(atom_types=atom_types, include_charges=True, node_counts=node_counts)
     denoiser = _denoiser(cfg, num_features)
     canonicalizer = _canonicalizer(cfg, num_features)
     if cfg.objective == "flow":
-        from canonwrap.flow import CanonicalizedFlowMatching
+        from canonwrap.flow import AlignedPrior, CanonicalizedFlowMatching
 
-        return CanonicalizedFlowMatching(denoiser, canonicalizer, space=space)
+        coupling = None
+        if cfg.coupling != "independent":
+            coupling = AlignedPrior(
+                rotation="rotation" in cfg.coupling,
+                assignment="assignment" in cfg.coupling,
+                type_columns=slice(0, len(atom_types)),
+            )
+        return CanonicalizedFlowMatching(
+            denoiser,
+            canonicalizer,
+            space=space,
+            coupling=coupling,
+            canonical_noise=cfg.canonical_noise,
+        )
     schedule = PolynomialSchedule(cfg.timesteps, power=2, precision=1e-5)
     return CanonicalizedDiffusion(denoiser, canonicalizer, schedule=schedule, space=space)
 

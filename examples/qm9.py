@@ -60,6 +60,7 @@ from canonwrap.evaluation import (
 )
 from canonwrap.recipes import (
     CANONICALIZERS,
+    COUPLINGS,
     DENOISERS,
     DIFFUSION_SAMPLERS,
     OBJECTIVES,
@@ -156,6 +157,8 @@ def model_config(cfg: dict[str, Any]) -> QM9ModelConfig:
         anchor_weight=cfg["anchor_weight"],
         timesteps=cfg["timesteps"],
         objective=cfg.get("objective", "diffusion"),  # runs written before the flag: diffusion
+        coupling=cfg.get("coupling", "independent"),  # runs written before the flags
+        canonical_noise=cfg.get("canonical_noise", False),
     )
 
 
@@ -200,6 +203,11 @@ def _forward_loss(model: torch.nn.Module, batch) -> Any:
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """Preset values, then the model choice, then every flag given on the command line."""
+    if args.objective != "flow" and (args.coupling != "independent" or args.canonical_noise):
+        raise ValueError(
+            "--coupling and --canonical-noise are options of --objective flow; "
+            f"the objective is {args.objective}"
+        )
     preset = "quick" if args.quick else args.preset
     cfg = dict(PRESETS[preset])
     denoiser, canonicalizer = SHORTHANDS[args.model] if args.model else DEFAULT_MODEL
@@ -219,6 +227,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         distance_bias=not args.no_distance_bias,
         objective=args.objective,
+        coupling=args.coupling,
+        canonical_noise=args.canonical_noise,
     )
     for key in PRESETS["full"]:
         value = getattr(args, key, None)
@@ -279,6 +289,7 @@ def _train(args: argparse.Namespace, distributed: bool, rank: int, out: Path) ->
     val_loader = _loader(valid, 64, shuffle=False)
     nll_loader = _loader(subset(valid, cfg["nll_size"]), 64, shuffle=False)
     val_nll_options = FLOW_VAL_NLL if model_config(cfg).objective == "flow" else {}
+    with_density = has_density(model)
     optimizer = qm9_optimizer(model, cfg["lr"], cfg["canon_lr_ratio"])
     scheduler = canonicalizer_warmup(optimizer, cfg["canon_warmup"])
     ema = EMA(model, decay=cfg["ema_decay"], start_step=cfg["ema_start"])
@@ -290,10 +301,10 @@ def _train(args: argparse.Namespace, distributed: bool, rank: int, out: Path) ->
 
     def held_out(m):
         m = getattr(m, "module", m)  # unwrap DDP
-        return {
-            "val_loss": heldout_loss(m, val_loader),
-            "val_nll": heldout_nll(m, nll_loader, **val_nll_options)["nll"],
-        }
+        result = {"val_loss": heldout_loss(m, val_loader)}
+        if with_density:  # --canonical-noise: no density on the data's subspace
+            result["val_nll"] = heldout_nll(m, nll_loader, **val_nll_options)["nll"]
+        return result
 
     def eval_fn(m):
         result = held_out(m)
@@ -471,8 +482,11 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         canonicalize_train=False,
         progress=not args.no_progress,
     )
-    test = load_split("test", cfg, args.nll_size or cfg["nll_size"])
-    nll = heldout_nll(model, _loader(test, 64, shuffle=False))
+    if has_density(model):
+        test = load_split("test", cfg, args.nll_size or cfg["nll_size"])
+        nll = heldout_nll(model, _loader(test, 64, shuffle=False))
+    else:
+        nll = {"nll": None, "unavailable": NO_DENSITY}
     valid = load_split("valid", cfg, cfg["val_size"])
     result = {
         "model": cfg["model"],
@@ -488,6 +502,17 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     figure = _summary_figure(out)
     print(summary_lines(result, figure), flush=True)
     return result
+
+
+NO_DENSITY = (
+    "trained with --canonical-noise: the flow starts from canonical poses of the noise, "
+    "which have no density on the data's subspace"
+)
+
+
+def has_density(model) -> bool:
+    """Whether ``model.nll`` exists: not for flow matching from canonical noise."""
+    return not getattr(model, "canonical_noise", False)
 
 
 def _summary_figure(out: Path) -> Path | None:
@@ -517,7 +542,11 @@ def summary_lines(result: dict[str, Any], figure: Path | None) -> str:
         f"{train.get('elapsed_s', float('nan')) / 60:.1f} min; held-out denoising loss "
         f"{result.get('initial', {}).get('val_loss', float('nan')):.3f} -> "
         f"{result['val_loss']:.3f}",
-        f"   test NLL bound: {nll['nll']:.1f} ± {nll.get('nll_se', float('nan')):.1f} nats",
+        (
+            f"   test NLL bound: {nll['nll']:.1f} ± {nll.get('nll_se', float('nan')):.1f} nats"
+            if nll["nll"] is not None
+            else f"   test NLL: none ({nll.get('unavailable', NO_DENSITY)})"
+        ),
         f"   {mol['n_molecules']} samples: atom stable {pct('atom_stability')}, molecule "
         f"stable {pct('mol_stability')}, valid {pct('validity')}, connected valid "
         f"{pct('connected_validity')}, unique {pct('uniqueness')}",
@@ -615,6 +644,20 @@ def parser() -> argparse.ArgumentParser:
             help="training objective: diffusion (CanonicalizedDiffusion) or flow (flow "
             "matching, CanonicalizedFlowMatching; its validation NLL during training uses "
             f"{FLOW_VAL_NLL['steps']} {FLOW_VAL_NLL['method']} steps) (default: diffusion)",
+        )
+        sp.add_argument(
+            "--coupling",
+            choices=COUPLINGS,
+            default="independent",
+            help="--objective flow only: how noise is paired with canonical data in training "
+            "(rotation: Kabsch; assignment: atoms matched within each type) "
+            "(default: independent)",
+        )
+        sp.add_argument(
+            "--canonical-noise",
+            action="store_true",
+            help="--objective flow only: the flow starts from canonical poses of the noise, "
+            "in training and sampling (no likelihood then: no NLL is reported)",
         )
         sp.add_argument(
             "--no-distance-bias",

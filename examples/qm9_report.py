@@ -73,6 +73,8 @@ def row(metrics: dict) -> dict:
 
 def _nll(r: dict) -> str:
     se = r.get("nll_se")
+    if r["nll"] is None:  # a model without a density (flow from canonical noise)
+        return "—"
     return f"{r['nll']:.1f}" if se is None else f"{r['nll']:.1f} ± {se:.1f}"
 
 

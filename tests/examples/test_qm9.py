@@ -170,6 +170,51 @@ def test_qm9_all_with_flow_matching(example, tmp_path, model):
     assert evals and all(math.isfinite(ev["val_nll"]) and ev["val_loss"] > 0 for ev in evals)
 
 
+def test_qm9_flow_couplings_and_canonical_noise_reach_the_model(example, tmp_path, capsys):
+    """--coupling builds the AlignedPrior it names (atom types as the assignment's classes)
+    and --canonical-noise the canonical start; both are saved, reloaded and refused for
+    diffusion. A canonical-noise run has no density: training logs no val NLL and evaluate
+    says why instead of a number."""
+    from canonwrap.evaluation import load_qm9_run
+    from canonwrap.molecules import QM9_ATOM_TYPES
+
+    qm9 = example("qm9")
+    out = tmp_path / "both"
+    qm9.main(["train", "--model", "pca-transformer", "--objective", "flow", "--coupling",
+              "rotation+assignment", "--out", str(out), "--max-steps", "2", *TRAIN])
+    model, cfg = load_qm9_run(out)
+    assert cfg["model_config"]["coupling"] == "rotation+assignment"
+    prior = model.coupling
+    assert prior.rotation and prior.assignment
+    assert prior.type_columns == slice(0, len(QM9_ATOM_TYPES)) and not model.canonical_noise
+    for name, rotation, assignment in (("rotation", True, False), ("assignment", False, True)):
+        built = qm9.qm9_model(qm9.QM9ModelConfig(objective="flow", coupling=name))
+        assert (built.coupling.rotation, built.coupling.assignment) == (rotation, assignment)
+    assert qm9.qm9_model(qm9.QM9ModelConfig(objective="flow")).coupling is None  # control
+
+    out = tmp_path / "canonical"
+    result = qm9.main(["all", "--model", "pca-transformer", "--objective", "flow",
+                       "--canonical-noise", "--out", str(out), "--max-steps", "2", *TINY,
+                       *FLOW_SAMPLING])
+    model, cfg = load_qm9_run(out)
+    assert model.canonical_noise and model.coupling is None
+    assert result["test_nll"]["nll"] is None and "canonical-noise" in result["test_nll"][
+        "unavailable"]
+    assert "test NLL: none (trained with --canonical-noise" in capsys.readouterr().out
+    evals = [json.loads(line)["eval"] for line in
+             (out / "checkpoints" / "log.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert evals and all("val_nll" not in ev and ev["val_loss"] > 0 for ev in evals)
+    assert result["molecules"]["n_molecules"] == 3
+
+    for flags in (["--coupling", "rotation"], ["--canonical-noise"]):
+        with pytest.raises(ValueError, match="options of --objective flow"):
+            qm9.main(["train", "--model", "gdm", *flags, "--out", str(tmp_path / "d"), *TRAIN])
+    with pytest.raises(ValueError, match="options of flow matching"):
+        qm9.qm9_model(qm9.QM9ModelConfig(coupling="rotation"))
+    with pytest.raises(ValueError, match="unknown coupling 'ot'"):
+        qm9.qm9_model(qm9.QM9ModelConfig(objective="flow", coupling="ot"))
+
+
 def test_qm9_sampler_must_match_the_objective(example, tmp_path):
     qm9 = example("qm9")
     flow, diffusion = tmp_path / "flow", tmp_path / "diffusion"
