@@ -5,8 +5,9 @@ molecule, so the standard error of one model's mean is large (tens of nats on 1,
 molecules at the CPU preset). Two models scored on the same molecules with the same seed
 draw the same ``t`` and noise for each molecule (checked: the generator must end in the
 same state for every run), so the per-molecule difference cancels much of that spread.
-This script reports each run's mean ± standard error and, for every run after the first,
-the paired difference to the first with its standard error.
+This script reports each run's mean ± standard error, the mean of each term of its NLL,
+and, for every run after the first, the paired difference to the first with its standard
+error.
 
 Runs of different objectives (``--objective flow`` beside diffusion) are compared too: the
 flow model's exact ODE likelihood and the diffusion model's bound are both nats per molecule
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     from canonwrap.data.qm9 import QM9
     from canonwrap.evaluation import load_qm9_run, per_sample_nll
 
-    per, states, configs, objectives = {}, [], [], []
+    per, per_terms, states, configs, objectives = {}, {}, [], [], []
     flow_options = {"method": args.flow_method, "steps": args.flow_steps}
     for run in args.runs:
         model, cfg = load_qm9_run(run, args.weights)
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         options = flow_options if objectives[-1] == "flow" else {}
         terms, state = per_sample_nll(model, loader, args.seed, **options)
         per[run] = terms["nll"]
+        per_terms[run] = {k: v for k, v in terms.items() if k != "nll"}
         states.append(state)
         mean, se = _mean_se(per[run])
         print(f"[paired_nll] {run}: {mean:.2f} ± {se:.2f} nats ({per[run].numel()} molecules)")
@@ -101,8 +103,17 @@ def main(argv: list[str] | None = None) -> dict:
         "seed": args.seed,
         "objectives": dict(zip(args.runs, objectives)),
         "runs": {run: dict(zip(("mean", "se"), _mean_se(v))) for run, v in per.items()},
+        # the terms whose sum is each run's NLL (diffusion: kl_prior, diffusion,
+        # reconstruction, size; flow: flow, dequantization, reconstruction, size)
+        "terms": {
+            run: {k: dict(zip(("mean", "se"), _mean_se(v))) for k, v in t.items()}
+            for run, t in per_terms.items()
+        },
         "paired_difference_to_first": differences,
     }
+    for run, t in result["terms"].items():
+        shown = ", ".join(f"{k} {v['mean']:.2f} ± {v['se']:.2f}" for k, v in t.items())
+        print(f"[paired_nll] {run} terms: {shown}")
     for run, d in differences.items():
         how = "same molecules, t and noise" if d["draws_shared"] else "same molecules only"
         print(

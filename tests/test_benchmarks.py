@@ -119,6 +119,13 @@ def test_paired_nll_pairs_the_draws(tmp_path):
     assert d["draws_shared"] is False and 0 < d["se"]
     gap = mixed["runs"][str(flow)]["mean"] - mixed["runs"][runs[1]]["mean"]
     assert d["mean"] == pytest.approx(gap, rel=1e-9, abs=1e-9)
+    # each run's terms, which sum to its NLL
+    terms = mixed["terms"]
+    assert set(terms[str(flow)]) == {"flow", "dequantization", "reconstruction", "size"}
+    assert set(terms[runs[1]]) == {"kl_prior", "diffusion", "reconstruction", "size"}
+    for run in (runs[1], str(flow)):
+        total = sum(v["mean"] for v in terms[run].values())
+        assert total == pytest.approx(mixed["runs"][run]["mean"], rel=1e-6, abs=1e-6)
     # the solver options reach the flow model's nll (and only the flow model's)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         paired.main([runs[1], str(flow), "--nll-size", "8", "--flow-method", "midpoint",
