@@ -72,7 +72,7 @@ from torch import Tensor, nn
 from canonwrap._couplings import AlignedPrior
 from canonwrap._wrapper import CanonicalizedModel, _all_finite
 from canonwrap.canonicalizers.base import Canonicalizer
-from canonwrap.diffusion import LossOutput
+from canonwrap.diffusion import LossOutput, _check_clip
 from canonwrap.pointclouds import graph_index, is_point_cloud, nodes_per_graph
 from canonwrap.spaces import PointCloudSpace, Space, State, TensorSpace
 
@@ -262,7 +262,13 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         return tuple(xt), tuple(dxt)
 
     def _solver(
-        self, space: Space, template: Any, packer: _Packer, bad: list, end: float = 1.0
+        self,
+        space: Space,
+        template: Any,
+        packer: _Packer,
+        bad: list,
+        end: float = 1.0,
+        clip: tuple[float, float] | None = None,
     ) -> ODESolver:
         """An ``ODESolver`` over packed states; ``bad[0]`` keeps the first non-finite time.
 
@@ -275,6 +281,11 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         network is never called outside its path's times (the networks of
         [`canonwrap.nn`][canonwrap.nn] refuse times outside ``[0, 1]``); past an end the
         velocity field is continued by its value at that end.
+
+        ``clip = (low, high)``: the data predicted from each velocity,
+        ``x_1 = path.velocity_to_target(v, x_t, t)``, is clamped to the range and the
+        velocity recomputed from it (where the path's ``sigma_t > 0``; at ``t = 1`` the
+        velocity is left as predicted).
         """
         b = packer.b
 
@@ -283,9 +294,27 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
             v = self._velocity(space, packer.unpack(x), template, flow_t.expand(b))
             found = (bad[0] < 0) & ~_all_finite(v)
             bad[0] = torch.where(found, flow_t.to(bad[0]), bad[0])
+            if clip is not None:
+                v = self._clipped_velocity(space, packer.unpack(x), v, flow_t, template, clip)
             return end * packer.pack(v)
 
         return ODESolver(velocity_model=velocity)
+
+    def _clipped_velocity(
+        self, space: Space, x: State, v: State, t: Tensor, template: Any, clip
+    ) -> State:
+        """The velocity whose predicted data ``x_1`` lies in ``clip`` (tensor data)."""
+        low, high = clip
+        t = t.expand(space.num_samples(template))
+        sigma = self.path.scheduler(t).sigma_t
+        out = []
+        for xi, vi, ti, si in zip(
+            x, v, space.expand(t, x, template), space.expand(sigma, x, template)
+        ):
+            target = self.path.velocity_to_target(vi, xi, ti).clamp(low, high)
+            clipped = self.path.target_to_velocity(target, xi, ti.clamp(max=1.0 - 1e-12))
+            out.append(torch.where(si > 0, clipped, vi))
+        return tuple(out)
 
     def _raise_if_denoiser_failed(self, who: str, bad: list, cause: Exception | None = None):
         """``FloatingPointError`` naming the first flow time of a non-finite velocity, if any."""
@@ -375,6 +404,7 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         dtype: torch.dtype | None = None,
         device: Any = None,
         max_graph_bytes: float | None = None,
+        clip_denoised: tuple[float, float] | None = None,
     ) -> Any:
         """Draw samples by integrating the learned velocity from noise (``t = 0``) to data.
 
@@ -410,6 +440,14 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         max_graph_bytes
             Point clouds: the memory limit of the fully connected graphs of one call, as
             for diffusion's ``sample``.
+        clip_denoised
+            Tensor data in a known range (images in ``[-1, 1]``): ``(low, high)``. At every
+            network call the data predicted from the velocity
+            (``x_1 = x_t + (1 - t) v`` on the CondOT path) is clamped to the range and the
+            velocity recomputed from it, and the samples are clamped at the end (as
+            ``clip_denoised`` of
+            [`CanonicalizedDiffusion.sample`][canonwrap.diffusion.CanonicalizedDiffusion.sample]).
+            ``None`` (default): no clipping. Point clouds are refused.
 
         Returns
         -------
@@ -419,7 +457,9 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         Raises
         ------
         ValueError
-            For sizes or shapes that cannot be sampled, or graphs beyond ``max_graph_bytes``.
+            For sizes or shapes that cannot be sampled, graphs beyond ``max_graph_bytes``,
+            or a ``clip_denoised`` that is no finite ``(low, high)`` with ``low < high`` (or
+            is given for point clouds).
         FloatingPointError
             When the network returned NaN/Inf (the first flow time is named) or the
             solver's state overflowed although every prediction was finite.
@@ -429,6 +469,7 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         space, template = self._sampling_template(
             num_samples, shape, num_nodes, generator, dtype, device, max_graph_bytes
         )
+        clip = _check_clip(clip_denoised, space)
         b = space.num_samples(template)
         like = space.state(template)
         packer = _Packer(space, template, like)
@@ -436,7 +477,7 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         bad = [torch.full((), -1.0, dtype=dtype, device=device)]
         step_size, grid = self._grid(method, steps, 0.0, 1.0, x0)
         try:
-            x1 = self._solver(space, template, packer, bad).sample(
+            x1 = self._solver(space, template, packer, bad, clip=clip).sample(
                 x_init=x0, step_size=step_size, method=method, atol=atol, rtol=rtol, time_grid=grid
             )
         except AssertionError as err:  # an adaptive step shrank to nothing on NaN/Inf
@@ -444,6 +485,8 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
             raise
         self._raise_if_denoiser_failed("sample", bad)
         x = space.project(packer.unpack(x1), template)
+        if clip is not None:
+            x = tuple(xi.clamp(*clip) for xi in x)
         if not bool(_all_finite(x)):
             raise FloatingPointError(
                 f"sample: the samples contain NaN/Inf although the denoiser's predictions were "

@@ -470,3 +470,61 @@ def test_canonical_noise_is_used_in_training_and_sampling_alike():
     with pytest.raises(NotImplementedError, match="canonical_noise"):
         model = CanonicalizedFlowMatching(Still(), canon, space=space, canonical_noise=True)
         model.nll(rotated_shapes(2, dtype=torch.float64))
+
+
+class _FlowPointMass(nn.Module):
+    """The exact CondOT velocity towards data at the point ``x_star``: ``(x* - z) / s``
+    (``s = 1 - t``: the denoiser's time)."""
+
+    def __init__(self, x_star):
+        super().__init__()
+        self.register_buffer("x_star", x_star)
+
+    def forward(self, z, s):
+        return (self.x_star - z) / s[:, None]
+
+
+def _flow_point_mass_samples(x_star, method, clip, steps=20):
+    model = CanonicalizedFlowMatching(_FlowPointMass(x_star))
+    gen = torch.Generator().manual_seed(3)
+    return model.sample(
+        64, shape=(x_star.numel(),), method=method, steps=steps, generator=gen,
+        dtype=torch.float64, clip_denoised=clip,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint"])
+def test_flow_clip_denoised_changes_nothing_inside_the_range_and_bounds_outside(method):
+    inside = torch.tensor([-0.9, -0.3, 0.0, 0.4, 0.85], dtype=torch.float64)
+    clipped = _flow_point_mass_samples(inside, method, (-1.0, 1.0))
+    torch.testing.assert_close(clipped, _flow_point_mass_samples(inside, method, None),
+                               rtol=0, atol=1e-10)  # fmt: skip
+    torch.testing.assert_close(clipped, inside.expand_as(clipped), rtol=0, atol=1e-10)
+    # negative control: data outside the range is reproduced without clipping ...
+    outside = torch.tensor([1.5, -0.2, -3.0], dtype=torch.float64)
+    plain = _flow_point_mass_samples(outside, method, None)
+    torch.testing.assert_close(plain, outside.expand_as(plain), rtol=0, atol=1e-10)
+    # ... and with clipping every predicted x_1, hence the sample, is the nearest point
+    clipped = _flow_point_mass_samples(outside, method, (-1.0, 1.0))
+    expect = torch.tensor([1.0, -0.2, -1.0], dtype=torch.float64).expand_as(clipped)
+    torch.testing.assert_close(clipped, expect, rtol=0, atol=1e-10)
+
+
+def test_flow_clip_denoised_tames_a_wild_velocity_and_checks_its_arguments():
+    class Drift(nn.Module):  # x_1 = x_0 + 5: far out of [-1, 1]
+        def forward(self, z, s):
+            return torch.full_like(z, 5.0)
+
+    model = CanonicalizedFlowMatching(Drift())
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    wild = model.sample(32, shape=(4,), steps=10, generator=gen())
+    tame = model.sample(32, shape=(4,), steps=10, generator=gen(), clip_denoised=(-1, 1))
+    assert wild.min() > 1.0 and tame.abs().max() <= 1.0
+    # the adaptive solver evaluates t = 1 (sigma_t = 0): the velocity is left finite there
+    assert torch.isfinite(model.sample(4, shape=(4,), method="dopri5", clip_denoised=(-1, 1))).all()
+    for bad in [(1.0, -1.0), (0.0, float("nan")), (0.0,), "ab", 3.0]:
+        with pytest.raises(ValueError, match="clip_denoised"):
+            model.sample(2, shape=(2,), steps=2, clip_denoised=bad)
+    points = CanonicalizedFlowMatching(PointMLP(5), space=PointCloudSpace(num_features=0))
+    with pytest.raises(ValueError, match="not bounded"):
+        points.sample(num_nodes=[5], steps=2, clip_denoised=(-1, 1))
