@@ -10,6 +10,14 @@ Diffusion runs take the samplers ``ancestral``, ``ddim`` and ``dpm``; flow-match
 (``--objective flow``) take the ODE methods ``euler``, ``midpoint`` (fixed steps) and
 ``dopri5`` (adaptive; no step count, ``dopri5`` alone in the settings).
 
+With ``--reference SETTING`` (one of the settings, a deterministic one: an ODE method, DDIM
+or DPM-Solver), every other deterministic setting is also compared sample by sample with
+the reference's samples, which start from the same noise: the RMS distance of atom
+positions per molecule (mean ± standard error over molecules) and the fraction of atoms
+whose type agrees. For a flow model and an accurate reference (``dopri5``) this is the
+end-point error of a few-step solver, small when the learned paths are straight. Ancestral
+sampling draws fresh noise at every step, so it is not compared.
+
 Usage::
 
     python benchmarks/steps_vs_quality.py --run runs/cpu/canon-gdm --num-molecules 100 \
@@ -62,6 +70,19 @@ def _settings(text: str) -> list[tuple[str, int | None]]:
     return out
 
 
+def _distance(molecules: list, reference: list) -> dict[str, float]:
+    """Per-molecule RMS distance of positions and the fraction of agreeing atom types."""
+    rms, agree, atoms = [], 0, 0
+    for (z, pos), (z_ref, pos_ref) in zip(molecules, reference):
+        rms.append(float(((pos - pos_ref) ** 2).sum(-1).mean().sqrt()))
+        agree += int((z == z_ref).sum())
+        atoms += z.numel()
+    values = torch.tensor(rms, dtype=torch.float64)
+    se = float(values.std() / math.sqrt(len(rms))) if len(rms) > 1 else float("nan")
+    return {"rms_distance": float(values.mean()), "rms_distance_se": se,
+            "types_agree": agree / atoms}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="training folder of examples/qm9.py")
@@ -73,6 +94,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="comma-separated sampler:steps pairs; diffusion runs: ancestral, ddim, dpm "
         f"(default {DIFFUSION_DEFAULT}); flow runs: euler, midpoint, dopri5 (no steps) "
         f"(default {FLOW_DEFAULT})",
+    )
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="a deterministic setting of --settings (e.g. dopri5) whose samples the others "
+        "are compared with, molecule by molecule (same noise)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -91,6 +118,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model, cfg = load_qm9_run(args.run, args.weights)
     flow = isinstance(model, CanonicalizedFlowMatching)
     settings = args.settings or (FLOW_DEFAULT if flow else DIFFUSION_DEFAULT)
+    parsed = _settings(settings)
+    if args.reference is not None:
+        ref_key = _settings(args.reference)[0]
+        if ref_key not in parsed:
+            parser.error(f"--reference {args.reference} is not one of --settings {settings}")
+        if ref_key[0] == "ancestral":
+            parser.error("--reference must be a deterministic sampler (not ancestral)")
     node_counts = model.space.node_counts
     reference = qm9_reference_smiles(cfg["remove_h"], progress=not args.no_progress)
     sizes = node_counts.sample(
@@ -98,7 +132,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     rows = []
     counter = _CallCounter(model.denoiser)
-    for name, steps in _settings(settings):
+    drawn = []  # the molecules of each setting, in order
+    for name, steps in parsed:
         options = sampling_options(
             "flow" if flow else "diffusion", name, steps, progress=not args.no_progress
         )
@@ -112,6 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             molecules += model.space.decode(batch)
             batches += 1
         seconds = time.perf_counter() - start
+        drawn.append(molecules)
         metrics = evaluate(molecules, train_smiles=reference, canonicalize_train=False)
         n = metrics["n_molecules"]
         if flow:
@@ -139,6 +175,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
 
     counter.remove()
+    if args.reference is not None:
+        first = parsed.index(ref_key)
+        for i, (key, molecules, row) in enumerate(zip(parsed, drawn, rows)):
+            if key[0] != "ancestral" and i != first:
+                row["vs_reference"] = _distance(molecules, drawn[first])
+                row["vs_reference"]["reference"] = args.reference
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
     lines = [
         f"Run `{args.run}` ({cfg['model']}, {cfg.get('preset')} preset), "
@@ -146,16 +188,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads.",
         "",
         "| objective | sampler | steps | network calls | atom stable % | mol stable % | "
-        "valid % | connected valid % | unique % | s / molecule |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "valid % | connected valid % | unique % | s / molecule |"
+        + (f" RMS distance to {args.reference} | types as {args.reference} % |"
+           if args.reference else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.reference else ""),
     ]
     for r in rows:
+        extra = ""
+        if args.reference:
+            d = r.get("vs_reference")
+            extra = (
+                f" {d['rms_distance']:.3f} ± {d['rms_distance_se']:.3f} |"
+                f" {100 * d['types_agree']:.1f} |"
+                if d
+                else " — | — |"
+            )
         lines.append(
             f"| {r['objective']} | {r['sampler']} | {r['steps']} | {r['network_calls']:.0f} | "
             f"{100 * r['atom_stability']:.1f} | "
             f"{100 * r['mol_stability']:.1f} ± {100 * r['mol_stability_se']:.1f} | "
             f"{100 * r['validity']:.1f} | {100 * r['connected_validity']:.1f} | "
-            f"{100 * r['uniqueness']:.1f} | {r['s_per_molecule']:.3f} |"
+            f"{100 * r['uniqueness']:.1f} | {r['s_per_molecule']:.3f} |" + extra
         )
     lines += ["", f"Command: `{command}`"]
     out = Path(args.out)

@@ -280,6 +280,19 @@ def test_steps_vs_quality_on_a_flow_run_counts_network_calls(example, tmp_path):
     assert [r["network_calls"] for r in rows[:2]] == [3, 4]  # midpoint: two per step
     assert rows[2]["network_calls"] > 0
     assert "| flow | dopri5 | adaptive |" in (tmp_path / "svq.md").read_text()
+    # compared with a reference from the same noise: the same setting again is identical
+    # (distance exactly 0, every type agrees), another solver is not
+    rows = svq.main(["--run", str(out), "--num-molecules", "3", "--settings",
+                     "midpoint:4,euler:1,midpoint:4", "--reference", "midpoint:4",
+                     "--out", str(tmp_path / "ref"), "--no-progress"])
+    assert "vs_reference" not in rows[0]
+    assert rows[2]["vs_reference"]["rms_distance"] == 0.0
+    assert rows[2]["vs_reference"]["types_agree"] == 1.0
+    assert rows[1]["vs_reference"]["rms_distance"] > 1e-3
+    assert "RMS distance to midpoint:4" in (tmp_path / "ref.md").read_text()
+    with pytest.raises(SystemExit):
+        svq.main(["--run", str(out), "--settings", "euler:3", "--reference", "dopri5",
+                  "--out", str(tmp_path / "bad"), "--no-progress"])
     with pytest.raises(ValueError, match="flow-matching run"):
         svq.main(["--run", str(out), "--num-molecules", "2", "--settings", "ancestral:5",
                   "--out", str(tmp_path / "bad"), "--no-progress"])
