@@ -1,11 +1,16 @@
-"""Speed and memory of GDM, EDM and canonicalized GDM on QM9, side by side in one run.
+r"""Speed and memory of GDM, EDM and canonicalized GDM on QM9, side by side in one run.
 
 For each model size (``quick``: the CPU preset of ``examples/qm9.py``; ``full``: the published
-sizes, GNN/EGNN 256 x 9 and canonicalizer 64 x 9, transformer 256 x 8) and each model (built
-by ``canonwrap.recipes``, as the QM9 example builds it) it measures
+sizes, GNN/EGNN 256 x 9 and canonicalizer 64 x 9, transformer 256 x 8), each model (built
+by ``canonwrap.recipes``, as the QM9 example builds it) and each objective of
+``--objectives`` (``diffusion``, the default, and/or ``flow``: flow matching with the same
+denoiser and canonicalizer) it measures
 
 * **sampling**: seconds per molecule when sampling ``--num-molecules`` molecules in one
-  batch (sizes drawn from QM9's training histogram), by default with 1000 ancestral steps;
+  batch (sizes drawn from QM9's training histogram); diffusion by default with 1000
+  ancestral steps (``--sampler``, ``--sample-steps``), flow matching by integrating the
+  ODE with ``--flow-sampler`` (``method:steps``, default ``euler:50``, or the adaptive
+  ``dopri5``), whose denoiser calls are counted as they run;
 * **training**: optimizer steps per second on batches of real QM9 training molecules
   (loss, backward, EDM's adaptive gradient clipping, AdamW; data loading not timed);
 * **peak memory** of each phase above what the process held before it: on the CPU the
@@ -13,9 +18,9 @@ by ``canonwrap.recipes``, as the QM9 example builds it) it measures
   at the start, in a fresh subprocess per configuration; on a GPU
   ``torch.cuda.max_memory_allocated`` minus the allocation at the start.
 
-Results are printed as a markdown table with ratios against EDM and written, with the
-machine's description and the exact command, to ``<out>/bench_qm9.md`` and
-``<out>/bench_qm9.json``. See ``benchmarks/README.md``.
+Results are printed as a markdown table with ratios against EDM (trained as a diffusion
+model) and written, with the machine's description and the exact command, to
+``<out>/bench_qm9.md`` and ``<out>/bench_qm9.json``. See ``benchmarks/README.md``.
 
 Examples
 --------
@@ -23,6 +28,8 @@ Examples
 
     python benchmarks/bench_qm9.py --sizes quick --threads 2 --num-molecules 20 --sample-steps 100
     python benchmarks/bench_qm9.py --sizes quick,full --device cuda --num-molecules 500
+    python benchmarks/bench_qm9.py --sizes quick --models edm,pca-transformer \
+        --objectives diffusion,flow --flow-sampler midpoint:10 --threads 2
 """
 
 from __future__ import annotations
@@ -43,12 +50,14 @@ from typing import Any
 import torch
 
 from canonwrap.recipes import (
+    OBJECTIVES,
     OPTIMIZATION,
     SHORTHANDS,
     make_sampler,
     preset_config,
     qm9_model,
     qm9_optimizer,
+    sampling_options,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +65,7 @@ SIZES = ("quick", "full")
 MODELS = tuple(SHORTHANDS)
 PHASES = ("sample", "train")
 SAMPLERS = ("ancestral", "ddim", "dpm")
+FLOW_WARMUP = {"method": "euler", "steps": 2}
 RESULT_MARKER = "BENCH_QM9_RESULT "
 MIB = 1024.0 * 1024.0
 
@@ -165,35 +175,99 @@ def _median(values: list[float]) -> float:
 
 
 # ------------------------------------------------------------------------- measurements
+def describe_flow_sampler(options: dict[str, Any]) -> str:
+    """``euler, 50 steps`` for the ``model.sample`` options of a flow sampler."""
+    steps = options.get("steps")
+    return f"{options['method']}, " + ("adaptive steps" if steps is None else f"{steps} steps")
+
+
+class CallCounter:
+    """Counts the forward calls of ``module`` inside a ``with`` block (a forward pre-hook)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.calls = 0
+        self._handle: Any = None
+
+    def _count(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        self.calls += 1
+
+    def __enter__(self) -> CallCounter:
+        self._handle = self.module.register_forward_pre_hook(self._count)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+
+def _timed_sampling(
+    model: Any,
+    nodes: torch.Tensor,
+    options: dict[str, Any],
+    warm: dict[str, Any],
+    gen: torch.Generator,
+    spec: dict[str, Any],
+    device: torch.device,
+    counter: CallCounter | None = None,
+) -> tuple[list[float], list[int], dict[str, Any]]:
+    """Seconds of each timed repeat of ``model.sample(**options)`` after one untimed call
+    with ``warm`` (noise from ``gen``), the peak memory of it all, and with a ``counter``
+    the denoiser calls of each timed repeat (else an empty list)."""
+    times: list[float] = []
+    calls: list[int] = []
+    with PeakMemory(device, spec["measure_memory"]) as mem:
+        model.sample(num_nodes=nodes, generator=gen, device=device, **warm)
+        for r in range(spec["repeats"]):
+            g = torch.Generator().manual_seed(spec["seed"] + 1 + r)
+            if counter is not None:
+                counter.calls = 0
+            _sync(device)
+            start = time.perf_counter()
+            model.sample(num_nodes=nodes, generator=g, device=device, **options)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+            if counter is not None:
+                calls.append(counter.calls)
+    return times, calls, mem.result()
+
+
 def _bench_sampling(
     model: Any, node_counts: Any, spec: dict[str, Any], device: torch.device
 ) -> dict[str, Any]:
-    sampler = make_sampler(spec["sampler"], spec["steps"])
     gen = torch.Generator().manual_seed(spec["seed"])
     nodes = node_counts.sample(spec["num_molecules"], generator=gen)
-    evaluations = len(sampler.steps(model.timesteps))  # loop steps + the final t = 0 one
     model.eval()
-    with PeakMemory(device, spec["measure_memory"]) as mem:
-        warm = make_sampler(spec["sampler"], 2)
-        model.sample(num_nodes=nodes, sampler=warm, generator=gen, device=device)
-        times = []
-        for r in range(spec["repeats"]):
-            g = torch.Generator().manual_seed(spec["seed"] + 1 + r)
-            _sync(device)
-            start = time.perf_counter()
-            model.sample(num_nodes=nodes, sampler=sampler, generator=g, device=device)
-            _sync(device)
-            times.append(time.perf_counter() - start)
-    seconds = _median(times)
+    extra: dict[str, Any] = {}
+    if spec.get("objective", "diffusion") == "flow":
+        options = dict(spec["flow_sampler"])
+        description = describe_flow_sampler(options)
+        with CallCounter(model.denoiser) as counter:  # one call evaluates the whole batch
+            times, calls, memory = _timed_sampling(
+                model, nodes, options, FLOW_WARMUP, gen, spec, device, counter
+            )
+        # fixed-step methods make the same calls in every repeat; dopri5 need not
+        evaluations = int(statistics.median_low(calls))
+        ms_per_evaluation = _median([1000.0 * t / n for t, n in zip(times, calls)])
+        extra["denoiser_evaluations_per_repeat"] = calls
+    else:
+        sampler = make_sampler(spec["sampler"], spec["steps"])
+        description = repr(sampler)
+        warm = {"sampler": make_sampler(spec["sampler"], 2)}
+        times, _, memory = _timed_sampling(
+            model, nodes, {"sampler": sampler}, warm, gen, spec, device
+        )
+        evaluations = len(sampler.steps(model.timesteps))  # loop steps + the final t = 0 one
+        ms_per_evaluation = 1000.0 * _median(times) / evaluations
     return {
-        "sampler": repr(sampler),
+        "sampler": description,
         "num_molecules": int(nodes.numel()),
         "mean_atoms": float(nodes.double().mean()),
         "denoiser_evaluations": evaluations,
+        **extra,
         "sample_seconds": times,
-        "sample_s_per_molecule": seconds / nodes.numel(),
-        "sample_ms_per_evaluation": 1000.0 * seconds / evaluations,
-        "sample_memory": mem.result(),
+        "sample_s_per_molecule": _median(times) / nodes.numel(),
+        "sample_ms_per_evaluation": ms_per_evaluation,
+        "sample_memory": memory,
     }
 
 
@@ -255,7 +329,7 @@ def _bench_training(
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one configuration (``size``, ``model``, ``phase``) here and return its numbers."""
+    """Run one configuration (``size``, ``model``, ``objective``, ``phase``) here; its numbers."""
     from canonwrap import NodeCountDistribution
     from canonwrap.data import QM9
 
@@ -265,6 +339,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     mcfg = preset_config(spec["size"], *SHORTHANDS[spec["model"]])
     if spec.get("mlp_ratio") is not None:
         mcfg.mlp_ratio = spec["mlp_ratio"]
+    mcfg.objective = spec.get("objective", "diffusion")
     torch.manual_seed(spec["seed"])
     train = QM9("train", progress=False)
     node_counts = NodeCountDistribution(train.node_count_histogram())
@@ -273,6 +348,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {
         "size": spec["size"],
         "model": spec["model"],
+        "objective": mcfg.objective,
         "phase": spec["phase"],
         "denoiser": f"{mcfg.denoiser} {mcfg.hidden} x {mcfg.layers}",
         "canonicalizer": (
@@ -306,13 +382,18 @@ def measure_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
         if line.startswith(RESULT_MARKER):
             return json.loads(line[len(RESULT_MARKER) :])
     tail = (proc.stderr or proc.stdout)[-3000:]
-    raise RuntimeError(
-        f"worker for {spec['size']}/{spec['model']}/{spec['phase']} failed "
-        f"(exit code {proc.returncode}):\n{tail}"
-    )
+    raise RuntimeError(f"worker for {spec['label']} failed (exit code {proc.returncode}):\n{tail}")
 
 
 # ------------------------------------------------------------------------- report
+def config_label(entry: dict[str, Any], show_objective: bool) -> str:
+    """``size/model/phase`` of a configuration, ``size/model/objective/phase`` if asked."""
+    parts = [entry["size"], entry["model"], entry.get("objective", "diffusion"), entry["phase"]]
+    if not show_objective:
+        del parts[2]
+    return "/".join(parts)
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
@@ -325,18 +406,23 @@ def _mem(row: dict[str, Any], key: str) -> float | None:
 
 
 def merge_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per (size, model) holding the numbers of all its phases."""
-    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    """One record per (size, model, objective) holding the numbers of all its phases."""
+    merged: dict[tuple[str, str, str], dict[str, Any]] = {}
     for row in rows:
-        key = (row["size"], row["model"])
+        key = (row["size"], row["model"], row.get("objective", "diffusion"))
         entry = merged.setdefault(key, {})
         entry.update({k: v for k, v in row.items() if k != "phase"})
     return list(merged.values())
 
 
 def ratios_vs_edm(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per size and model: sampling time, training speed and memory divided by EDM's."""
-    edm = {r["size"]: r for r in results if r["model"] == "edm"}
+    """Per size, model and objective: sampling time, training speed and memory divided by
+    those of EDM trained as a diffusion model (the reference) at the same size."""
+    edm = {
+        r["size"]: r
+        for r in results
+        if r["model"] == "edm" and r.get("objective", "diffusion") == "diffusion"
+    }
     out = []
     for r in results:
         ref = edm.get(r["size"])
@@ -346,6 +432,7 @@ def ratios_vs_edm(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             {
                 "size": r["size"],
                 "model": r["model"],
+                "objective": r.get("objective", "diffusion"),
                 "sample_time": _ratio(
                     r.get("sample_s_per_molecule"), ref.get("sample_s_per_molecule")
                 ),
@@ -368,11 +455,27 @@ def _fmt_mem(row: dict[str, Any], key: str) -> str:
     return ("<= " if value.get("upper_bound") else "") + format(value["peak_mib"], ".0f")
 
 
+def _samplers_text(settings: dict[str, Any]) -> str:
+    """The samplers of the run's objectives (just ``sampler ...`` for diffusion alone)."""
+    objectives = settings.get("objectives", ["diffusion"])
+    if objectives == ["diffusion"]:
+        return f"sampler {settings['sampler_repr']}"
+    parts = []
+    if "diffusion" in objectives:
+        parts.append(f"diffusion sampler {settings['sampler_repr']}")
+    if "flow" in objectives:
+        parts.append(f"flow-matching ODE solver {settings['flow_sampler_repr']}")
+    return ", ".join(parts)
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     """The report as markdown: machine, command, one table with ratios against EDM."""
     m = report["machine"]
     s = report["settings"]
-    ratios = {(r["size"], r["model"]): r for r in report["ratios_vs_edm"]}
+    ratios = {
+        (r["size"], r["model"], r.get("objective", "diffusion")): r for r in report["ratios_vs_edm"]
+    }
+    reference = "EDM" if s.get("objectives", ["diffusion"]) == ["diffusion"] else "diffusion EDM"
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
     lines = [
         "## QM9: sampling and training cost",
@@ -382,24 +485,24 @@ def to_markdown(report: dict[str, Any]) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        f"Sampling: {s['num_molecules']} molecules per batch, sampler {s['sampler_repr']}. "
+        f"Sampling: {s['num_molecules']} molecules per batch, {_samplers_text(s)}. "
         + (f"Transformer feed-forward ratio {s['mlp_ratio']}. " if s.get("mlp_ratio") else "")
-        +
-        f"Training: batch size {s['batch_size'] or 'of the preset'}, {s['train_steps']} timed "
+        + f"Training: batch size {s['batch_size'] or 'of the preset'}, {s['train_steps']} timed "
         f"steps. Times are medians of {s['repeats']} repeats; memory is the peak above the "
-        "memory in use before the phase (MiB). Ratios divide by EDM at the same size.",
+        f"memory in use before the phase (MiB). Ratios divide by {reference} at the same size.",
         "",
-        "| size | model | parameters (denoiser + canon.) | sampling s/molecule | ÷ EDM "
-        "| ms per denoiser call | training steps/s | ÷ EDM | sampling peak MiB | ÷ EDM "
+        "| size | model | objective | parameters (denoiser + canon.) | sampling s/molecule "
+        "| ÷ EDM | ms per denoiser call | training steps/s | ÷ EDM | sampling peak MiB | ÷ EDM "
         "| training peak MiB | ÷ EDM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        q = ratios.get((r["size"], r["model"]), {})
+        objective = r.get("objective", "diffusion")
+        q = ratios.get((r["size"], r["model"], objective), {})
         p = r.get("parameters", {})
         params = f"{p.get('denoiser', 0):,} + {p.get('canonicalizer', 0):,}"
         lines.append(
-            f"| {r['size']} | {r['model']} | {params} "
+            f"| {r['size']} | {r['model']} | {objective} | {params} "
             f"| {_fmt(r.get('sample_s_per_molecule'), '.4g')} "
             f"| {_fmt(q.get('sample_time'), '.2f')} "
             f"| {_fmt(r.get('sample_ms_per_evaluation'), '.3g')} "
@@ -409,9 +512,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         )
     if report["errors"]:
         lines += ["", "Failed configurations:", ""]
+        show = s.get("objectives", ["diffusion"]) != ["diffusion"]
         lines += [
-            f"- {e['size']}/{e['model']}/{e['phase']}: {e['error'].splitlines()[0]}"
-            for e in report["errors"]
+            f"- {config_label(e, show)}: {e['error'].splitlines()[0]}" for e in report["errors"]
         ]
     return "\n".join(lines) + "\n"
 
@@ -425,6 +528,26 @@ def _choices(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
             f"{what}: {', '.join(bad) or 'none given'}; choose from {', '.join(allowed)}"
         )
     return items
+
+
+def flow_sampler(value: str) -> dict[str, Any]:
+    """``--flow-sampler``: ``method:steps`` or ``dopri5`` as the options of ``model.sample``."""
+    name, colon, steps_text = value.strip().partition(":")
+    steps: int | None = None
+    if colon:
+        try:
+            steps = int(steps_text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{value!r}: steps {steps_text!r} are not an integer; "
+                "use method:steps (e.g. euler:50) or dopri5"
+            ) from None
+        if steps < 1:
+            raise argparse.ArgumentTypeError(f"{value!r}: steps must be >= 1, got {steps}")
+    try:
+        return sampling_options("flow", name, steps)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{value!r}: {err}") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -448,17 +571,31 @@ def parser() -> argparse.ArgumentParser:
         help="comma-separated",
     )
     p.add_argument(
+        "--objectives",
+        default="diffusion",
+        type=lambda v: _choices(v, OBJECTIVES, "--objectives"),
+        help="comma-separated: diffusion, flow (flow matching, same networks); default diffusion",
+    )
+    p.add_argument(
         "--num-molecules",
         type=int,
         default=100,
         help="molecules sampled in one batch (default 100)",
     )
-    p.add_argument("--sampler", choices=SAMPLERS, default="ancestral")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ancestral", help="diffusion sampler")
     p.add_argument(
         "--sample-steps",
         type=int,
         default=None,
-        help="sampling steps (default: ancestral 1000, ddim 50, dpm 20)",
+        help="diffusion sampling steps (default: ancestral 1000, ddim 50, dpm 20)",
+    )
+    p.add_argument(
+        "--flow-sampler",
+        default="euler:50",
+        type=flow_sampler,
+        help="flow matching's ODE solver: method:steps with a fixed-step method "
+        "(euler: steps denoiser calls, midpoint: 2 x steps, also heun2, heun3, rk4) "
+        "or dopri5 (adaptive); default euler:50",
     )
     p.add_argument("--train-steps", type=int, default=20, help="timed training steps per repeat")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
@@ -512,6 +649,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         raise SystemExit("--warmup must be >= 0")
+    if args.sample_steps is not None and args.sample_steps < 1:
+        raise SystemExit(f"--sample-steps must be >= 1, got {args.sample_steps}")
+    try:
+        sampler = sampling_options("diffusion", args.sampler, args.sample_steps)["sampler"]
+    except ValueError as err:
+        raise SystemExit(
+            f"--sampler {args.sampler} --sample-steps {args.sample_steps}: {err}"
+        ) from None
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but CUDA is not available")
@@ -526,52 +671,60 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     isolate = not args.in_process
+    show_objective = args.objectives != ["diffusion"]
     rows, errors = [], []
-    for size in args.sizes:
-        for model in args.models:
-            for phase in args.phases:
-                spec = {
+    configurations = [
+        (size, model, objective, phase)
+        for size in args.sizes
+        for model in args.models
+        for objective in args.objectives
+        for phase in args.phases
+    ]
+    for size, model, objective, phase in configurations:
+        spec = {
+            "size": size,
+            "model": model,
+            "objective": objective,
+            "phase": phase,
+            "num_molecules": args.num_molecules,
+            "sampler": args.sampler,
+            "steps": args.sample_steps,
+            "flow_sampler": args.flow_sampler,
+            "train_steps": args.train_steps,
+            "warmup": args.warmup,
+            "batch_size": args.batch_size,
+            "repeats": args.repeats,
+            "device": str(device),
+            "threads": threads,
+            "seed": args.seed,
+            "mlp_ratio": args.mlp_ratio,
+            "measure_memory": isolate or device.type == "cuda",
+        }
+        spec["label"] = label = config_label(spec, show_objective)
+        start = time.perf_counter()
+        try:
+            row = measure_in_subprocess(spec) if isolate else measure(spec)
+        except Exception as exc:  # keep going: report what failed
+            errors.append(
+                {
                     "size": size,
                     "model": model,
+                    "objective": objective,
                     "phase": phase,
-                    "num_molecules": args.num_molecules,
-                    "sampler": args.sampler,
-                    "steps": args.sample_steps,
-                    "train_steps": args.train_steps,
-                    "warmup": args.warmup,
-                    "batch_size": args.batch_size,
-                    "repeats": args.repeats,
-                    "device": str(device),
-                    "threads": threads,
-                    "seed": args.seed,
-                    "mlp_ratio": args.mlp_ratio,
-                    "measure_memory": isolate or device.type == "cuda",
+                    "error": f"{type(exc).__name__}: {exc}",
                 }
-                start = time.perf_counter()
-                try:
-                    row = measure_in_subprocess(spec) if isolate else measure(spec)
-                except Exception as exc:  # keep going: report what failed
-                    errors.append(
-                        {
-                            "size": size,
-                            "model": model,
-                            "phase": phase,
-                            "error": f"{type(exc).__name__}: {exc}",
-                        }
-                    )
-                    print(f"[bench] {size}/{model}/{phase}: FAILED {exc}", flush=True)
-                    continue
-                rows.append(row)
-                key = "sample_s_per_molecule" if phase == "sample" else "train_steps_per_s"
-                unit = "s/molecule" if phase == "sample" else "steps/s"
-                print(
-                    f"[bench] {size}/{model}/{phase}: {row[key]:.4g} {unit} "
-                    f"({time.perf_counter() - start:.0f} s)",
-                    flush=True,
-                )
+            )
+            print(f"[bench] {label}: FAILED {exc}", flush=True)
+            continue
+        rows.append(row)
+        key = "sample_s_per_molecule" if phase == "sample" else "train_steps_per_s"
+        unit = "s/molecule" if phase == "sample" else "steps/s"
+        print(
+            f"[bench] {label}: {row[key]:.4g} {unit} ({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
 
     results = merge_rows(rows)
-    sampler = make_sampler(args.sampler, args.sample_steps)
     report = {
         "benchmark": "qm9",
         "command": "python benchmarks/bench_qm9.py " + shlex.join(argv),
@@ -580,10 +733,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "sizes": args.sizes,
             "models": args.models,
             "phases": args.phases,
+            "objectives": args.objectives,
             "num_molecules": args.num_molecules,
             "sampler": args.sampler,
             "steps": args.sample_steps,
             "sampler_repr": repr(sampler),
+            "flow_sampler": args.flow_sampler,
+            "flow_sampler_repr": describe_flow_sampler(args.flow_sampler),
             "train_steps": args.train_steps,
             "warmup": args.warmup,
             "batch_size": args.batch_size,
