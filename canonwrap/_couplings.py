@@ -84,8 +84,9 @@ class AlignedPrior:
     only when the data distribution is itself invariant under the rotations (or node
     permutations within types) used. Canonical poses are not rotation invariant, so with
     ``rotation=True`` the sampler's ``N(0, I)`` start differs from the training noise near
-    ``t = 0``: measure samples, not only the loss (no script in this repository measures
-    the effect on samples yet). ``canonical_noise=True`` of
+    ``t = 0``: measure samples, not only the loss (the QM9 example's ``--coupling`` and
+    ``benchmarks/steps_vs_quality.py --reference dopri5`` do; results in the docs' QM9
+    results page). ``canonical_noise=True`` of
     [`CanonicalizedFlowMatching`][canonwrap.flow.CanonicalizedFlowMatching] keeps the start
     distribution consistent instead.
     """
