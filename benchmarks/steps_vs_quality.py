@@ -42,24 +42,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_qm9 import CallCounter  # noqa: E402
 
 DIFFUSION_DEFAULT = "ancestral:1000,ancestral:250,dpm:250,dpm:100,dpm:50,dpm:25,ddim:50,ddim:25"
 FLOW_DEFAULT = "euler:10,euler:20,euler:50,euler:100,midpoint:5,midpoint:10,midpoint:25,dopri5"
-
-
-class _CallCounter:
-    """Counts forward calls of a module (the denoiser) through a forward pre-hook."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.calls = 0
-        self._handle = module.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module, inputs) -> None:
-        self.calls += 1
-
-    def remove(self) -> None:
-        self._handle.remove()
 
 
 def _settings(text: str) -> list[tuple[str, int | None]]:
@@ -131,7 +118,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.num_molecules, generator=torch.Generator().manual_seed(args.seed)
     )
     rows = []
-    counter = _CallCounter(model.denoiser)
     drawn = []  # the molecules of each setting, in order
     for name, steps in parsed:
         options = sampling_options(
@@ -139,13 +125,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
         gen = torch.Generator().manual_seed(args.seed + 1)
         molecules = []
-        counter.calls = 0
         batches = 0
         start = time.perf_counter()
-        for i in range(0, args.num_molecules, args.batch_size):
-            batch = model.sample(num_nodes=sizes[i : i + args.batch_size], generator=gen, **options)
-            molecules += model.space.decode(batch)
-            batches += 1
+        with CallCounter(model.denoiser) as counter:  # the denoiser calls of this setting
+            for i in range(0, args.num_molecules, args.batch_size):
+                nodes = sizes[i : i + args.batch_size]
+                batch = model.sample(num_nodes=nodes, generator=gen, **options)
+                molecules += model.space.decode(batch)
+                batches += 1
         seconds = time.perf_counter() - start
         drawn.append(molecules)
         metrics = evaluate(molecules, train_smiles=reference, canonicalize_train=False)
@@ -174,7 +161,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             flush=True,
         )
 
-    counter.remove()
     if args.reference is not None:
         first = parsed.index(ref_key)
         for i, (key, molecules, row) in enumerate(zip(parsed, drawn, rows)):
@@ -189,8 +175,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "",
         "| objective | sampler | steps | network calls | atom stable % | mol stable % | "
         "valid % | connected valid % | unique % | s / molecule |"
-        + (f" RMS distance to {args.reference} | types as {args.reference} % |"
-           if args.reference else ""),
+        + (
+            f" RMS distance to {args.reference} | types as {args.reference} % |"
+            if args.reference
+            else ""
+        ),
         "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.reference else ""),
     ]
     for r in rows:

@@ -291,11 +291,12 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:  # t: the solver's time
             flow_t = end * t.to(x).clamp(0.0, 1.0)
-            v = self._velocity(space, packer.unpack(x), template, flow_t.expand(b))
+            state = packer.unpack(x)
+            v = self._velocity(space, state, template, flow_t.expand(b))
             found = (bad[0] < 0) & ~_all_finite(v)
             bad[0] = torch.where(found, flow_t.to(bad[0]), bad[0])
             if clip is not None:
-                v = self._clipped_velocity(space, packer.unpack(x), v, flow_t, template, clip)
+                v = self._clipped_velocity(space, state, v, flow_t, template, clip)
             return end * packer.pack(v)
 
         return ODESolver(velocity_model=velocity)
