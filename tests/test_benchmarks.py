@@ -154,6 +154,28 @@ def test_profile_sampling_tiny(capsys):
     assert "denoiser forward" in capsys.readouterr().out
 
 
+def test_profile_sampling_flow(capsys):
+    import canonwrap.flow as flow
+
+    pack, unpack = flow._Packer.pack, flow._Packer.unpack
+    prof = _load("profile_sampling")
+    out = prof.main(["--model", "gdm", "--objective", "flow", "--flow-sampler", "midpoint:2",
+                     "--num-molecules", "2", "--threads", "1", "--row-limit", "3"])  # fmt: skip
+    assert flow._Packer.pack is pack and flow._Packer.unpack is unpack  # patches removed
+    assert "pack" not in vars(flow._Packer) or vars(flow._Packer)["pack"] is pack
+    assert out["denoiser_calls"] == 4  # midpoint: two calls per step
+    stages = {label.strip(): (calls, ms) for label, calls, ms, _ in out["stages"]}
+    assert stages["denoiser forward"][0] == 4 and stages["denoiser forward"][1] > 0
+    assert stages["of which edge construction"][1] > 0
+    # the ragged state is packed for the solver and unpacked for every velocity call
+    assert stages["pack / unpack (ragged <-> dense)"][0] >= 4
+    assert "sampler step" not in stages  # a diffusion-only stage
+    printed = capsys.readouterr().out
+    assert "flow matching (midpoint, 2 steps), 4 denoiser calls" in printed
+    with pytest.raises(SystemExit):  # a diffusion sampler is no ODE method
+        prof.main(["--objective", "flow", "--flow-sampler", "ancestral:10"])
+
+
 def test_paired_nll_pairs_the_draws(tmp_path):
     from tests.examples.test_qm9 import TRAIN
 
