@@ -8,7 +8,10 @@ as they ran).
 
 Diffusion runs take the samplers ``ancestral``, ``ddim`` and ``dpm``; flow-matching runs
 (``--objective flow``) take the ODE methods ``euler``, ``midpoint`` (fixed steps) and
-``dopri5`` (adaptive; no step count, ``dopri5`` alone in the settings).
+``dopri5`` (adaptive; no step count, ``dopri5`` alone in the settings). A fixed-step flow
+setting may end in ``@POWER``: its steps then follow the grid
+``t_i = 1 - (1 - i / steps) ** POWER`` (``grid_power`` of ``CanonicalizedFlowMatching.sample``;
+``euler:10@2`` takes steps that shrink towards the data end) instead of equal steps.
 
 With ``--reference SETTING`` (one of the settings, a deterministic one: an ODE method, DDIM
 or DPM-Solver), every other deterministic setting is also compared sample by sample with
@@ -24,6 +27,8 @@ Usage::
         --out docs/results/qm9_steps
     python benchmarks/steps_vs_quality.py --run runs/fm/flow \
         --settings euler:10,euler:50,midpoint:10,dopri5 --out docs/results/qm9_flow_steps
+    python benchmarks/steps_vs_quality.py --run runs/fm/flow --reference dopri5 \
+        --settings euler:10,euler:10@2,midpoint:5,midpoint:5@2,dopri5 --out runs/fm/grid
 
 Writes ``<out>.md`` and ``<out>.json``.
 """
@@ -49,12 +54,25 @@ DIFFUSION_DEFAULT = "ancestral:1000,ancestral:250,dpm:250,dpm:100,dpm:50,dpm:25,
 FLOW_DEFAULT = "euler:10,euler:20,euler:50,euler:100,midpoint:5,midpoint:10,midpoint:25,dopri5"
 
 
-def _settings(text: str) -> list[tuple[str, int | None]]:
+def _settings(text: str) -> list[tuple[str, int | None, float | None]]:
+    """``(sampler, steps, grid power)`` of each ``sampler[:steps][@power]`` item."""
     out = []
     for item in text.split(","):
-        name, _, steps = item.strip().partition(":")
-        out.append((name, int(steps) if steps else None))
+        head, at, power = item.strip().partition("@")
+        name, _, steps = head.partition(":")
+        try:
+            out.append((name, int(steps) if steps else None, float(power) if at else None))
+        except ValueError:
+            raise ValueError(
+                f"setting {item.strip()!r}: use sampler:steps or, for a fixed-step flow "
+                "method, sampler:steps@power (e.g. euler:10@2)"
+            ) from None
     return out
+
+
+def _label(key: tuple[str, int | None, float | None]) -> str:
+    name, steps, power = key
+    return name + (f":{steps}" if steps is not None else "") + (f"@{power:g}" if power else "")
 
 
 def _distance(molecules: list, reference: list) -> dict[str, float]:
@@ -105,9 +123,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model, cfg = load_qm9_run(args.run, args.weights)
     flow = isinstance(model, CanonicalizedFlowMatching)
     settings = args.settings or (FLOW_DEFAULT if flow else DIFFUSION_DEFAULT)
-    parsed = _settings(settings)
+    try:
+        parsed = _settings(settings)
+        ref_key = _settings(args.reference)[0] if args.reference is not None else None
+    except ValueError as err:
+        parser.error(str(err))
+    for name, steps, power in parsed:
+        if power is not None and not flow:
+            parser.error(f"{_label((name, steps, power))}: @power is for flow-matching runs")
+        if power is not None and (steps is None or power <= 0 or not math.isfinite(power)):
+            parser.error(
+                f"{_label((name, steps, power))}: @power needs a step count and a finite power > 0"
+            )
     if args.reference is not None:
-        ref_key = _settings(args.reference)[0]
         if ref_key not in parsed:
             parser.error(f"--reference {args.reference} is not one of --settings {settings}")
         if ref_key[0] == "ancestral":
@@ -119,10 +147,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     rows = []
     drawn = []  # the molecules of each setting, in order
-    for name, steps in parsed:
+    for name, steps, power in parsed:
         options = sampling_options(
             "flow" if flow else "diffusion", name, steps, progress=not args.no_progress
         )
+        if power is not None:
+            options["grid_power"] = power
         gen = torch.Generator().manual_seed(args.seed + 1)
         molecules = []
         batches = 0
@@ -145,6 +175,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "objective": "flow" if flow else "diffusion",
             "sampler": name,
             "steps": shown_steps,
+            "grid_power": options.get("grid_power", 1.0) if "steps" in options and flow else None,
             "network_calls": counter.calls / batches,
             "s_per_molecule": seconds / n,
             **metrics,
@@ -154,7 +185,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         }
         rows.append(row)
         print(
-            f"{name:9s} {row['steps']!s:>8} steps ({row['network_calls']:.0f} network calls): "
+            f"{_label((name, steps, power)):13s} {row['steps']!s:>8} steps "
+            f"({row['network_calls']:.0f} network calls): "
             f"atom stable {metrics['atom_stability']:.3f}, "
             f"mol stable {metrics['mol_stability']:.3f}, valid {metrics['validity']:.3f}, "
             f"{row['s_per_molecule']:.3f} s/molecule",
@@ -192,8 +224,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if d
                 else " — | — |"
             )
+        shown = f"{r['steps']}" + (
+            f" (grid power {r['grid_power']:g})" if r.get("grid_power") not in (None, 1.0) else ""
+        )
         lines.append(
-            f"| {r['objective']} | {r['sampler']} | {r['steps']} | {r['network_calls']:.0f} | "
+            f"| {r['objective']} | {r['sampler']} | {shown} | {r['network_calls']:.0f} | "
             f"{100 * r['atom_stability']:.1f} | "
             f"{100 * r['mol_stability']:.1f} ± {100 * r['mol_stability_se']:.1f} | "
             f"{100 * r['validity']:.1f} | {100 * r['connected_validity']:.1f} | "

@@ -437,7 +437,13 @@ class _Draw:
         if "sampler" in self.options:
             return repr(self.options["sampler"])
         steps = self.options.get("steps")
-        return f"ODE({self.name}" + (f", steps={steps})" if steps else ")")
+        power = self.options.get("grid_power")
+        return (
+            f"ODE({self.name}"
+            + (f", steps={steps}" if steps else "")
+            + (f", grid_power={power:g}" if power is not None else "")
+            + ")"
+        )
 
 
 def sampler_name(objective: str, sampler: str | None) -> str:
@@ -463,6 +469,16 @@ def sampling_function(model, objective: str, args: argparse.Namespace) -> _Draw:
     if name == "dopri5" and args.sample_steps is not None:
         raise ValueError("--sample-steps does not apply to dopri5 (it chooses its steps)")
     options = sampling_options(objective, name, args.sample_steps, not args.no_progress)
+    power = getattr(args, "grid_power", None)
+    if power is not None:
+        if objective != "flow":
+            raise ValueError(
+                f"--grid-power spaces the steps of a flow-matching ODE solver; this run was "
+                f"trained with --objective {objective}"
+            )
+        if "steps" not in options:
+            raise ValueError(f"--grid-power does not apply to {name} (it chooses its steps)")
+        options["grid_power"] = power
     return _Draw(model, name, options)
 
 
@@ -559,8 +575,8 @@ def summary_lines(result: dict[str, Any], figure: Path | None) -> str:
 
 
 def cmd_all(args: argparse.Namespace) -> dict[str, Any]:
-    if not args.resume:  # a sampler the objective has not: refused before training
-        sampler_name(args.objective, args.sampler)
+    if not args.resume:  # sampler options the objective has not: refused before training
+        sampling_function(None, args.objective, args)
     cmd_train(args)
     cmd_sample(args)
     return cmd_evaluate(args)
@@ -731,6 +747,13 @@ def parser() -> argparse.ArgumentParser:
             default=None,
             help="sampling steps (default: T for ancestral, 50 ddim, 20 dpm, 100 euler or "
             "midpoint; dopri5 chooses its own)",
+        )
+        sp.add_argument(
+            "--grid-power",
+            type=float,
+            default=None,
+            help="flow runs, euler/midpoint: the steps follow t_i = 1 - (1 - i/steps)^P, "
+            "shrinking towards the data end for P > 1 (default: equal steps)",
         )
 
     def eval_args(sp):

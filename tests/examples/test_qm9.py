@@ -2,6 +2,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from tests.helpers import load_script
 
@@ -50,6 +51,9 @@ def test_qm9_resume_and_ddim_sampling_and_figure(example, tmp_path):
     assert [r["steps"] for r in rows] == [5, 3, 3]
     assert all(r["objective"] == "diffusion" for r in rows)
     assert rows[0]["network_calls"] == 6  # 5 ancestral steps, then the decoding at t = 0
+    with pytest.raises(SystemExit):  # a grid power is for flow-matching runs
+        svq.main(["--run", str(out), "--settings", "ddim:3@2", "--out", str(tmp_path / "bad"),
+                  "--no-progress"])  # fmt: skip
     assert (tmp_path / "svq.md").exists()
     plot = example("plot_molecules")
     png = plot.main(["--run", str(out), "--png", str(tmp_path / "fig.png"), "--count", "2"])
@@ -237,6 +241,23 @@ def test_qm9_sampler_must_match_the_objective(example, tmp_path):
     timing = qm9.main(["sample", "--out", str(flow), "--sampler", "midpoint", "--sample-steps",
                        "2", "--num-samples", "2", "--no-progress"])
     assert timing["num_samples"] == 2 and "midpoint" in timing["sampler"]
+    # --grid-power: flow runs with a fixed-step solver only; it reaches the solver
+    samples = {}
+    for extra in ([], ["--grid-power", "3"]):
+        timing = qm9.main(["sample", "--out", str(flow), "--sampler", "euler", "--sample-steps",
+                           "3", "--num-samples", "2", "--no-progress", *extra])  # fmt: skip
+        samples[bool(extra)] = torch.load(flow / "samples.pt")["pos"]
+    assert timing["sampler"] == "ODE(euler, steps=3, grid_power=3)"
+    assert (samples[True] - samples[False]).abs().max() > 1e-4  # same noise, other grid
+    for out, extra, message in [
+        (diffusion, [], "--objective diffusion"),
+        (flow, ["--sampler", "dopri5"], "does not apply to dopri5"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            qm9.main(["sample", "--out", str(out), "--grid-power", "2", "--no-progress", *extra])
+    with pytest.raises(ValueError, match="--grid-power spaces"):  # before any training
+        qm9.main(["all", "--grid-power", "2", "--out", str(tmp_path / "never"), *TINY])
+    assert not (tmp_path / "never").exists()
 
 
 def test_qm9_run_without_objective_loads_as_diffusion(example, tmp_path):
@@ -296,6 +317,19 @@ def test_steps_vs_quality_on_a_flow_run_counts_network_calls(example, tmp_path):
     with pytest.raises(ValueError, match="flow-matching run"):
         svq.main(["--run", str(out), "--num-molecules", "2", "--settings", "ancestral:5",
                   "--out", str(tmp_path / "bad"), "--no-progress"])
+    # a grid power reaches the solver: other samples than equal steps from the same noise,
+    # recorded per row; power 1 is equal steps exactly
+    rows = svq.main(["--run", str(out), "--num-molecules", "3", "--settings",
+                     "euler:3,euler:3@1,euler:3@2,dopri5", "--reference", "euler:3",
+                     "--out", str(tmp_path / "grid"), "--no-progress"])  # fmt: skip
+    assert [r["grid_power"] for r in rows] == [1.0, 1.0, 2.0, None]
+    assert rows[1]["vs_reference"]["rms_distance"] == 0.0
+    assert rows[2]["vs_reference"]["rms_distance"] > 1e-3
+    assert "| flow | euler | 3 (grid power 2) | 3 |" in (tmp_path / "grid.md").read_text()
+    for bad in ["euler:3@0", "dopri5@2", "euler:3@x"]:
+        with pytest.raises(SystemExit):
+            svq.main(["--run", str(out), "--settings", bad, "--out", str(tmp_path / "bad"),
+                      "--no-progress"])  # fmt: skip
 
 
 def test_sampling_options_per_objective():
