@@ -2,7 +2,8 @@
 
 Samples the same number of molecules (same molecule sizes, same seed) from a run of
 ``examples/qm9.py`` with several samplers and step counts, evaluates each set with the
-molecule metrics and records the sampling time per molecule and the number of network
+molecule metrics (with where the unstable atoms err: the share of atoms above and below
+their allowed valence) and records the sampling time per molecule and the number of network
 evaluations per batch (counted by a hook on the denoiser, so adaptive solvers are counted
 as they ran).
 
@@ -206,13 +207,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads.",
         "",
         "| objective | sampler | steps | network calls | atom stable % | mol stable % | "
-        "valid % | connected valid % | unique % | s / molecule |"
+        "valid % | connected valid % | unique % | atoms over / under valence % | s / molecule |"
         + (
             f" RMS distance to {args.reference} | types as {args.reference} % |"
             if args.reference
             else ""
         ),
-        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.reference else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.reference else ""),
     ]
     for r in rows:
         extra = ""
@@ -232,7 +233,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"{100 * r['atom_stability']:.1f} | "
             f"{100 * r['mol_stability']:.1f} ± {100 * r['mol_stability_se']:.1f} | "
             f"{100 * r['validity']:.1f} | {100 * r['connected_validity']:.1f} | "
-            f"{100 * r['uniqueness']:.1f} | {r['s_per_molecule']:.3f} |" + extra
+            f"{100 * r['uniqueness']:.1f} | "
+            f"{100 * r['atom_over_valence']:.1f} / {100 * r['atom_under_valence']:.1f} | "
+            f"{r['s_per_molecule']:.3f} |" + extra
         )
     lines += ["", f"Command: `{command}`"]
     out = Path(args.out)

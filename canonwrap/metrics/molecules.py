@@ -358,11 +358,21 @@ def bond_order_matrix(z: Any, pos: Any) -> np.ndarray:
     return _bond_orders(z_arr, pos_arr)
 
 
-def _stability(z: np.ndarray, orders: np.ndarray) -> tuple[bool, int, int]:
+def _valence_counts(z: np.ndarray, orders: np.ndarray) -> tuple[int, int, int]:
+    """Atoms whose bond-order sum is allowed, above the largest allowed value, below the
+    smallest (an unstable atom between two allowed values, P with 4, is in neither)."""
     valence = orders.sum(axis=1)
-    n_stable = 0
+    n_stable = n_over = n_under = 0
     for zi, vi in zip(z.tolist(), valence.tolist()):
-        n_stable += int(vi in ALLOWED_VALENCES[_SYMBOLS[zi]])
+        allowed = ALLOWED_VALENCES[_SYMBOLS[zi]]
+        n_stable += int(vi in allowed)
+        n_over += int(vi > max(allowed))
+        n_under += int(vi < min(allowed))
+    return n_stable, n_over, n_under
+
+
+def _stability(z: np.ndarray, orders: np.ndarray) -> tuple[bool, int, int]:
+    n_stable, _, _ = _valence_counts(z, orders)
     return n_stable == len(z), n_stable, len(z)
 
 
@@ -624,7 +634,11 @@ def evaluate(
         ``connected_validity`` (valid and one fragment), ``uniqueness`` (distinct valid
         SMILES / valid; 0.0 when none is valid), ``novelty`` (distinct valid SMILES not in
         the training set / distinct valid SMILES; ``None`` without ``train_smiles``, 0.0 when
-        none is valid), and the counts ``n_molecules``, ``n_atoms``, ``n_stable_atoms``,
+        none is valid), ``atom_over_valence`` and ``atom_under_valence`` (atoms whose
+        bond-order sum is above the largest / below the smallest allowed valence, over all
+        atoms: where the unstable atoms err; RDKit's sanitization, hence validity, fails on
+        the first kind and accepts the second as radicals), and the counts ``n_molecules``,
+        ``n_atoms``, ``n_stable_atoms``, ``n_over_valence``, ``n_under_valence``,
         ``n_stable_molecules``, ``n_valid``, ``n_connected``, ``n_unique`` and ``n_novel``
         (``None`` without ``train_smiles``).
 
@@ -648,16 +662,21 @@ def evaluate(
         iterator = tqdm(molecules, desc="molecule metrics", unit="mol")
 
     n_molecules = n_atoms = n_stable_atoms = n_stable_molecules = n_connected = 0
+    n_over = n_under = 0
     valid_smiles: list[str] = []
     for index, item in enumerate(iterator):
         z, pos = _unpack(item, index)
         z_arr, pos_arr = _validate_molecule(z, pos, where=f"molecule {index}")
         orders = _bond_orders(z_arr, pos_arr)
-        stable, n_stable, n = _stability(z_arr, orders)
+        n_stable, over, under = _valence_counts(z_arr, orders)
+        n = len(z_arr)
+        stable = n_stable == n
         smiles, connected = _validity(z_arr, pos_arr, orders, remove_hs)
         n_molecules += 1
         n_atoms += n
         n_stable_atoms += n_stable
+        n_over += over
+        n_under += under
         n_stable_molecules += int(stable)
         n_connected += int(connected)
         if smiles is not None:
@@ -688,9 +707,13 @@ def evaluate(
         "connected_validity": n_connected / n_molecules,
         "uniqueness": n_unique / n_valid if n_valid else 0.0,
         "novelty": novelty,
+        "atom_over_valence": n_over / n_atoms,
+        "atom_under_valence": n_under / n_atoms,
         "n_molecules": n_molecules,
         "n_atoms": n_atoms,
         "n_stable_atoms": n_stable_atoms,
+        "n_over_valence": n_over,
+        "n_under_valence": n_under,
         "n_stable_molecules": n_stable_molecules,
         "n_valid": n_valid,
         "n_connected": n_connected,

@@ -301,6 +301,9 @@ def test_steps_vs_quality_on_a_flow_run_counts_network_calls(example, tmp_path):
     assert [r["network_calls"] for r in rows[:2]] == [3, 4]  # midpoint: two per step
     assert rows[2]["network_calls"] > 0
     assert "| flow | dopri5 | adaptive |" in (tmp_path / "svq.md").read_text()
+    for r in rows:  # where the unstable atoms err: over + under <= unstable
+        assert r["n_over_valence"] + r["n_under_valence"] <= r["n_atoms"] - r["n_stable_atoms"]
+    assert "atoms over / under valence %" in (tmp_path / "svq.md").read_text()
     # compared with a reference from the same noise: the same setting again is identical
     # (distance exactly 0, every type agrees), another solver is not
     rows = svq.main(["--run", str(out), "--num-molecules", "3", "--settings",

@@ -268,6 +268,11 @@ def test_evaluate_counts_and_fractions():
     assert out["n_atoms"] == 30
     assert out["n_stable_atoms"] == 5 + 5 + 9 + 2 + 5
     assert out["atom_stability"] == pytest.approx(26 / 30)
+    # the 4 unstable atoms: CH5's carbon has 5 bonds (over); the broken methane's carbon has
+    # 2 and its two detached hydrogens 0 (under)
+    assert (out["n_over_valence"], out["n_under_valence"]) == (1, 3)
+    assert out["atom_over_valence"] == pytest.approx(1 / 30)
+    assert out["atom_under_valence"] == pytest.approx(3 / 30)
     assert out["mol_stability"] == pytest.approx(3 / 5)
     assert out["n_valid"] == 4 and out["validity"] == pytest.approx(4 / 5)
     assert out["n_connected"] == 3 and out["connected_validity"] == pytest.approx(3 / 5)
