@@ -51,6 +51,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_qm9 import (  # noqa: E402
+    FLOW_WARMUP,
     MODELS,
     SAMPLERS,
     SIZES,
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.objective == "flow":
         sampler, options = None, dict(args.flow_sampler)
         description = f"flow matching ({describe_flow_sampler(options)})"
-        warm = {"method": "euler", "steps": 2}
+        warm = FLOW_WARMUP
     else:
         sampler = make_sampler(args.sampler, args.sample_steps)
         options, description = {"sampler": sampler}, repr(sampler)
