@@ -136,6 +136,50 @@ def _check_grid_power(power: Any, method: str) -> float:
     return value
 
 
+def _draw_times(dist: torch.distributions.Distribution, b: int, generator) -> Tensor:
+    """``b`` draws of ``dist``; reproducible from ``generator`` when one is given.
+
+    ``torch.distributions`` take no generator, so with one the draw runs under a forked
+    RNG seeded from the generator (the global RNG is left as it was).
+    """
+    if generator is None:
+        return dist.sample((b,))
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return dist.sample((b,))
+
+
+def _check_times(t: Tensor, dist: torch.distributions.Distribution) -> None:
+    """``ValueError`` unless every training time is finite and in ``[0, 1]``."""
+    bad = ~(torch.isfinite(t) & (t >= 0) & (t <= 1))
+    if bool(bad.any()):
+        raise ValueError(
+            f"time_distribution {dist!r} drew training times outside [0, 1] "
+            f"(e.g. {float(t[bad][0]):.4g}); flow times run from 0 (noise) to 1 (data)"
+        )
+
+
+def _check_time_distribution(dist: Any) -> torch.distributions.Distribution | None:
+    """The checked ``time_distribution``: ``None`` or a scalar distribution on ``[0, 1]``."""
+    if dist is None:
+        return None
+    if not isinstance(dist, torch.distributions.Distribution):
+        raise TypeError(
+            "time_distribution must be None (uniform) or a torch.distributions.Distribution; "
+            f"got {type(dist).__name__}"
+        )
+    if tuple(dist.batch_shape) != () or tuple(dist.event_shape) != ():
+        raise ValueError(
+            "time_distribution must draw one scalar time per sample; got batch_shape "
+            f"{tuple(dist.batch_shape)} and event_shape {tuple(dist.event_shape)}"
+        )
+    with torch.random.fork_rng(devices=[]):  # a trial draw that leaves the RNG alone
+        torch.manual_seed(0)
+        _check_times(dist.sample((1024,)), dist)
+    return dist
+
+
 class _Packer:
     """A state of a batch as one dense tensor ``[B, D_max]`` for the ODE solvers, and back.
 
@@ -210,6 +254,15 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         canonical noise and canonical data, and the start distribution stays the one the
         sampler draws from (unlike a data-dependent ``coupling``). The density of such a
         model lives on the canonical poses only, so ``nll`` refuses it.
+    time_distribution
+        The density of the training times ``t`` (0: noise, 1: data): ``None`` (default)
+        for ``U(0, 1)``, or any scalar ``torch.distributions.Distribution`` whose samples lie
+        in ``[0, 1]``, e.g. ``Beta(2.0, 1.0)`` (density ``2 t``: twice as many draws near
+        the data as near the noise) or a logit-normal
+        (``TransformedDistribution(Normal(0.0, 1.0), SigmoidTransform())``). It changes
+        which times the regression sees most, not the path, the sampler or the likelihood.
+        With a ``generator``, draws are reproducible (the distribution samples under a
+        forked RNG seeded from it); without one they come from torch's global RNG.
 
     Examples
     --------
@@ -239,6 +292,7 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         space: Space | None = None,
         coupling: AlignedPrior | None = None,
         canonical_noise: bool = False,
+        time_distribution: torch.distributions.Distribution | None = None,
     ) -> None:
         super().__init__(denoiser, canonicalizer, space)
         self.path = path if path is not None else CondOTProbPath()
@@ -248,6 +302,7 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
             raise TypeError(
                 f"path must be a flow_matching.path.AffineProbPath; got {type(self.path).__name__}"
             )
+        self.time_distribution = _check_time_distribution(time_distribution)
 
     # ------------------------------------------------------------------ helpers
     def _at_times(self, shown: list) -> str:
@@ -266,6 +321,14 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         with torch.no_grad():
             canon = self.canonicalizer(space.to_data(x0, template)).canonical
         return tuple(c.detach() for c in space.state(canon))
+
+    def _training_times(self, b: int, generator, like: Tensor) -> Tensor:
+        """``b`` training times from ``time_distribution`` (``U(0, 1)`` without one)."""
+        if self.time_distribution is None:
+            return torch.rand(b, generator=generator, dtype=like.dtype).to(like.device)
+        t = _draw_times(self.time_distribution, b, generator)
+        _check_times(t, self.time_distribution)
+        return t.to(dtype=like.dtype, device=like.device)
 
     def _interpolate(self, space: Space, x0: State, x1: State, t: Tensor, template: Any):
         """``x_t`` and its velocity ``dx_t`` by the path, one time per row of each component."""
@@ -395,7 +458,7 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         x1 = space.state(canon.canonical)
         template = canon.canonical
         b = space.num_samples(template)
-        t = torch.rand(b, generator=generator, dtype=x1[0].dtype).to(x1[0].device)
+        t = self._training_times(b, generator, x1[0])
         x0 = self._noise(space, x1, template, generator)
         if self.coupling is not None:
             with torch.no_grad():

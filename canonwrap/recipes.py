@@ -13,6 +13,7 @@ into them, so that the example, the benchmarks and the tests build identical mod
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,6 +48,8 @@ __all__ = [
     "sampling_options",
     "OBJECTIVES",
     "COUPLINGS",
+    "FLOW_TIMES",
+    "flow_time_distribution",
 ]
 
 Denoiser = Literal["gnn", "egnn", "transformer"]
@@ -63,6 +66,10 @@ COUPLINGS: tuple[str, ...] = ("independent", "rotation", "assignment", "rotation
 ``"rotation"`` rotates each noise molecule onto its canonical data (Kabsch);
 ``"assignment"`` re-labels noise atoms to data atoms by optimal assignment within each
 atom type; ``"rotation+assignment"`` does both (assignment first)."""
+FLOW_TIMES: tuple[str, ...] = ("uniform", "beta:A,B", "logit-normal:M,S")
+"""Forms of a flow-matching training-time density, as ``flow_time_distribution`` reads
+them: ``"uniform"`` (``U(0, 1)``), ``"beta:A,B"`` (``Beta(A, B)``, e.g. ``beta:2,1``, density
+``2 t``, denser near the data) and ``"logit-normal:M,S"`` (``sigmoid`` of ``N(M, S^2)``)."""
 SHORTHANDS: dict[str, tuple[str, str]] = {
     "gdm": ("gnn", "com"),
     "edm": ("egnn", "com"),
@@ -142,6 +149,9 @@ class QM9ModelConfig:
         and sampling (see
         [`CanonicalizedFlowMatching`][canonwrap.flow.CanonicalizedFlowMatching]; such a
         model has no ``nll``).
+    flow_time : str
+        Flow matching only: the density of the training times, one of the forms of
+        ``FLOW_TIMES`` (default ``"uniform"``; see ``flow_time_distribution``).
     """
 
     denoiser: str = "transformer"
@@ -159,6 +169,55 @@ class QM9ModelConfig:
     objective: str = "diffusion"
     coupling: str = "independent"
     canonical_noise: bool = False
+    flow_time: str = "uniform"
+
+
+def flow_time_distribution(spec: str) -> torch.distributions.Distribution | None:
+    """The training-time density that ``spec`` names (``None`` for ``"uniform"``).
+
+    Parameters
+    ----------
+    spec : str
+        ``"uniform"``, ``"beta:A,B"`` (``A, B > 0``) or ``"logit-normal:M,S"`` (``S > 0``),
+        the forms of ``FLOW_TIMES``.
+
+    Returns
+    -------
+    torch.distributions.Distribution or None
+        For ``CanonicalizedFlowMatching(time_distribution=...)``.
+
+    Raises
+    ------
+    ValueError
+        For any other form, or parameters that are not finite numbers in range.
+    """
+    forms = ", ".join(FLOW_TIMES)
+    if not isinstance(spec, str):
+        raise ValueError(f"flow time must be a string of one of the forms {forms}; got {spec!r}")
+    if spec == "uniform":
+        return None
+    name, sep, rest = spec.partition(":")
+    if not sep or name not in ("beta", "logit-normal"):
+        raise ValueError(f"unknown flow time {spec!r}; use one of the forms {forms}")
+    try:
+        a, b = (float(v) for v in rest.split(","))
+    except ValueError:
+        raise ValueError(
+            f"flow time {spec!r}: give two numbers after the colon, as in beta:2,1 or "
+            "logit-normal:0,1"
+        ) from None
+    if not (math.isfinite(a) and math.isfinite(b)):
+        raise ValueError(f"flow time {spec!r}: its parameters must be finite")
+    if name == "beta":
+        if a <= 0 or b <= 0:
+            raise ValueError(f"flow time {spec!r}: Beta's parameters must both be > 0")
+        return torch.distributions.Beta(torch.tensor(a), torch.tensor(b))
+    if b <= 0:
+        raise ValueError(f"flow time {spec!r}: the logit-normal's scale S must be > 0")
+    return torch.distributions.TransformedDistribution(
+        torch.distributions.Normal(torch.tensor(a), torch.tensor(b)),
+        torch.distributions.transforms.SigmoidTransform(),
+    )
 
 
 def preset_config(
@@ -320,14 +379,16 @@ def qm9_model(cfg: QM9ModelConfig, node_counts=None) -> CanonicalizedModel:
             f"unknown objective {cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}"
         )
     if cfg.coupling not in COUPLINGS:
+        raise ValueError(f"unknown coupling {cfg.coupling!r}; choose one of {', '.join(COUPLINGS)}")
+    if cfg.objective != "flow" and (
+        cfg.coupling != "independent" or cfg.canonical_noise or cfg.flow_time != "uniform"
+    ):
         raise ValueError(
-            f"unknown coupling {cfg.coupling!r}; choose one of {', '.join(COUPLINGS)}"
+            f"coupling={cfg.coupling!r}, canonical_noise={cfg.canonical_noise} and "
+            f"flow_time={cfg.flow_time!r} are options of flow matching; the objective is "
+            f"{cfg.objective!r}"
         )
-    if cfg.objective != "flow" and (cfg.coupling != "independent" or cfg.canonical_noise):
-        raise ValueError(
-            f"coupling={cfg.coupling!r} and canonical_noise={cfg.canonical_noise} are options "
-            f"of flow matching; the objective is {cfg.objective!r}"
-        )
+    time_distribution = flow_time_distribution(cfg.flow_time)
     atom_types = QM9_HEAVY_ATOM_TYPES if cfg.remove_h else QM9_ATOM_TYPES
     num_features = len(atom_types) + 1
     space = MoleculeSpace(atom_types=atom_types, include_charges=True, node_counts=node_counts)
@@ -349,6 +410,7 @@ def qm9_model(cfg: QM9ModelConfig, node_counts=None) -> CanonicalizedModel:
             space=space,
             coupling=coupling,
             canonical_noise=cfg.canonical_noise,
+            time_distribution=time_distribution,
         )
     schedule = PolynomialSchedule(cfg.timesteps, power=2, precision=1e-5)
     return CanonicalizedDiffusion(denoiser, canonicalizer, schedule=schedule, space=space)

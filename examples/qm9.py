@@ -69,6 +69,7 @@ from canonwrap.recipes import (
     SIZES,
     QM9ModelConfig,
     canonicalizer_warmup,
+    flow_time_distribution,
     qm9_model,
     qm9_optimizer,
     sampling_options,
@@ -159,6 +160,7 @@ def model_config(cfg: dict[str, Any]) -> QM9ModelConfig:
         objective=cfg.get("objective", "diffusion"),  # runs written before the flag: diffusion
         coupling=cfg.get("coupling", "independent"),  # runs written before the flags
         canonical_noise=cfg.get("canonical_noise", False),
+        flow_time=cfg.get("flow_time", "uniform"),
     )
 
 
@@ -201,13 +203,24 @@ def _forward_loss(model: torch.nn.Module, batch) -> Any:
     return model(batch)
 
 
-def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
-    """Preset values, then the model choice, then every flag given on the command line."""
-    if args.objective != "flow" and (args.coupling != "independent" or args.canonical_noise):
+def check_objective_flags(args: argparse.Namespace) -> None:
+    """``ValueError`` for flow-matching flags on a diffusion run or a malformed --flow-time."""
+    if args.objective != "flow" and (
+        args.coupling != "independent" or args.canonical_noise or args.flow_time != "uniform"
+    ):
         raise ValueError(
-            "--coupling and --canonical-noise are options of --objective flow; "
+            "--coupling, --canonical-noise and --flow-time are options of --objective flow; "
             f"the objective is {args.objective}"
         )
+    try:
+        flow_time_distribution(args.flow_time)
+    except ValueError as err:
+        raise ValueError(f"--flow-time: {err}") from None
+
+
+def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Preset values, then the model choice, then every flag given on the command line."""
+    check_objective_flags(args)
     preset = "quick" if args.quick else args.preset
     cfg = dict(PRESETS[preset])
     denoiser, canonicalizer = SHORTHANDS[args.model] if args.model else DEFAULT_MODEL
@@ -229,6 +242,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         objective=args.objective,
         coupling=args.coupling,
         canonical_noise=args.canonical_noise,
+        flow_time=args.flow_time,
     )
     for key in PRESETS["full"]:
         value = getattr(args, key, None)
@@ -245,6 +259,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     distributed = init_distributed()
     rank = dist.get_rank() if distributed else 0
     out = Path(args.out)
+    if not args.resume:
+        check_objective_flags(args)  # before the run folder is claimed
     # one run per folder: refuse another run's folder unless --resume or --overwrite
     claim = claim_run_folder if rank == 0 else lambda *a, **k: contextlib.nullcontext()
     with claim(out, resume=args.resume, overwrite=args.overwrite):
@@ -674,6 +690,14 @@ def parser() -> argparse.ArgumentParser:
             action="store_true",
             help="--objective flow only: the flow starts from canonical poses of the noise, "
             "in training and sampling (no likelihood then: no NLL is reported)",
+        )
+        sp.add_argument(
+            "--flow-time",
+            default="uniform",
+            metavar="DENSITY",
+            help="--objective flow only: density of the training times (0: noise, 1: data): "
+            "uniform, beta:A,B (e.g. beta:2,1, denser near the data) or logit-normal:M,S "
+            "(default: uniform)",
         )
         sp.add_argument(
             "--no-distance-bias",

@@ -352,3 +352,38 @@ def test_sampling_options_per_objective():
     ]:
         with pytest.raises(ValueError, match=message):
             sampling_options(*args)
+
+
+def test_qm9_flow_time_reaches_the_model_and_is_checked(example, tmp_path):
+    """--flow-time beta:2,1 trains with Beta(2, 1) times, is saved and rebuilt on reload;
+    it is refused for diffusion and in forms that name no density."""
+    import torch
+
+    from canonwrap.evaluation import load_qm9_run
+    from canonwrap.recipes import flow_time_distribution
+
+    qm9 = example("qm9")
+    out = tmp_path / "beta"
+    qm9.main(["train", "--model", "pca-transformer", "--objective", "flow", "--flow-time",
+              "beta:2,1", "--out", str(out), "--max-steps", "2", *TRAIN])
+    model, cfg = load_qm9_run(out)
+    assert cfg["model_config"]["flow_time"] == "beta:2,1"
+    dist = model.time_distribution
+    assert isinstance(dist, torch.distributions.Beta)
+    assert (float(dist.concentration1), float(dist.concentration0)) == (2.0, 1.0)
+    assert qm9.qm9_model(qm9.QM9ModelConfig(objective="flow")).time_distribution is None
+    ln = flow_time_distribution("logit-normal:0.5,2")
+    assert (float(ln.base_dist.loc), float(ln.base_dist.scale)) == (0.5, 2.0)
+
+    with pytest.raises(ValueError, match="options of --objective flow"):
+        qm9.main(["train", "--model", "gdm", "--flow-time", "beta:2,1", "--out",
+                  str(tmp_path / "d"), *TRAIN])
+    with pytest.raises(ValueError, match="options of flow matching"):
+        qm9.qm9_model(qm9.QM9ModelConfig(flow_time="beta:2,1"))
+    for spec, message in (("gamma:1,1", "unknown flow time"), ("beta:2", "two numbers"),
+                          ("beta:0,1", "both be > 0"), ("logit-normal:0,0", "must be > 0"),
+                          ("beta:nan,1", "finite")):
+        with pytest.raises(ValueError, match=f"--flow-time: .*{message}"):
+            qm9.main(["train", "--model", "pca-transformer", "--objective", "flow",
+                      "--flow-time", spec, "--out", str(tmp_path / "x"), *TRAIN])
+        assert not (tmp_path / "x").exists()
