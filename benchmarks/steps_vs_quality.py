@@ -73,7 +73,11 @@ def _settings(text: str) -> list[tuple[str, int | None, float | None]]:
 
 def _label(key: tuple[str, int | None, float | None]) -> str:
     name, steps, power = key
-    return name + (f":{steps}" if steps is not None else "") + (f"@{power:g}" if power else "")
+    return (
+        name
+        + (f":{steps}" if steps is not None else "")
+        + (f"@{power:g}" if power is not None else "")
+    )
 
 
 def _distance(molecules: list, reference: list) -> dict[str, float]:
@@ -129,13 +133,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ref_key = _settings(args.reference)[0] if args.reference is not None else None
     except ValueError as err:
         parser.error(str(err))
-    for name, steps, power in parsed:
-        if power is not None and not flow:
-            parser.error(f"{_label((name, steps, power))}: @power is for flow-matching runs")
-        if power is not None and (steps is None or power <= 0 or not math.isfinite(power)):
-            parser.error(
-                f"{_label((name, steps, power))}: @power needs a step count and a finite power > 0"
-            )
+    objective = "flow" if flow else "diffusion"
+    for name, steps, power in parsed:  # every setting checked before any sampling
+        try:
+            sampling_options(objective, name, steps, grid_power=power)
+        except ValueError as err:
+            parser.error(f"{_label((name, steps, power))}: {err}")
     if args.reference is not None:
         if ref_key not in parsed:
             parser.error(f"--reference {args.reference} is not one of --settings {settings}")
@@ -150,10 +153,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     drawn = []  # the molecules of each setting, in order
     for name, steps, power in parsed:
         options = sampling_options(
-            "flow" if flow else "diffusion", name, steps, progress=not args.no_progress
+            objective, name, steps, progress=not args.no_progress, grid_power=power
         )
-        if power is not None:
-            options["grid_power"] = power
         gen = torch.Generator().manual_seed(args.seed + 1)
         molecules = []
         batches = 0

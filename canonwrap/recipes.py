@@ -260,7 +260,11 @@ DIFFUSION_SAMPLERS: tuple[str, ...] = ("ancestral", "ddim", "dpm")
 
 
 def sampling_options(
-    objective: str, name: str, steps: int | None = None, progress: bool = False
+    objective: str,
+    name: str,
+    steps: int | None = None,
+    progress: bool = False,
+    grid_power: float | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of ``model.sample`` for the sampler ``name`` with ``steps`` steps.
 
@@ -276,19 +280,26 @@ def sampling_options(
         Number of steps (each sampler's default when ``None``).
     progress : bool
         Progress bar (diffusion samplers only).
+    grid_power : float, optional
+        Flow matching with a fixed-step method only: the steps follow
+        ``t_i = 1 - (1 - i / steps) ** grid_power`` (see
+        [`CanonicalizedFlowMatching.sample`][canonwrap.flow.CanonicalizedFlowMatching.sample]);
+        ``None`` (default) leaves the model's equal steps.
 
     Returns
     -------
     dict
         Diffusion: ``sampler`` and ``progress``; flow matching: ``method`` and, for
-        fixed-step methods, ``steps``.
+        fixed-step methods, ``steps`` (and ``grid_power`` when given).
 
     Raises
     ------
     ValueError
-        A sampler of the other objective, an unknown one, or ``steps`` for ``dopri5``.
+        A sampler of the other objective, an unknown one, ``steps`` for ``dopri5``, or a
+        ``grid_power`` that is not finite and positive, or given for diffusion or
+        ``dopri5``. Every message about the grid power names ``grid_power``.
     """
-    from canonwrap.flow import FIXED_STEP_METHODS
+    from canonwrap.flow import FIXED_STEP_METHODS, _check_grid_power
 
     flow_samplers = (*FIXED_STEP_METHODS, "dopri5")
     if objective not in OBJECTIVES:
@@ -298,6 +309,11 @@ def sampling_options(
             raise ValueError(
                 f"{name} is a flow-matching ODE solver; a {objective} run samples with "
                 f"{', '.join(DIFFUSION_SAMPLERS)}"
+            )
+        if grid_power is not None:
+            raise ValueError(
+                "grid_power spaces the steps of a flow-matching ODE solver; a "
+                f"{objective} run has no such steps"
             )
         return {"sampler": make_sampler(name, steps), "progress": progress}
     if name in DIFFUSION_SAMPLERS:
@@ -310,10 +326,15 @@ def sampling_options(
             raise ValueError(
                 f"{steps} steps do not apply to dopri5 (an adaptive solver chooses its steps)"
             )
+        if grid_power is not None:
+            raise ValueError("grid_power does not apply to dopri5 (it chooses its steps)")
         return {"method": name}
     if name not in FIXED_STEP_METHODS:
         raise ValueError(f"unknown ODE method {name!r}; choose one of {', '.join(flow_samplers)}")
-    return {"method": name, "steps": steps or 100}
+    options: dict[str, Any] = {"method": name, "steps": steps or 100}
+    if grid_power is not None:
+        options["grid_power"] = _check_grid_power(grid_power, name)
+    return options
 
 
 def _canonicalizer(cfg: QM9ModelConfig, num_features: int) -> Canonicalizer:

@@ -484,17 +484,17 @@ def sampling_function(model, objective: str, args: argparse.Namespace) -> _Draw:
     name = sampler_name(objective, args.sampler)
     if name == "dopri5" and args.sample_steps is not None:
         raise ValueError("--sample-steps does not apply to dopri5 (it chooses its steps)")
-    options = sampling_options(objective, name, args.sample_steps, not args.no_progress)
     power = getattr(args, "grid_power", None)
-    if power is not None:
-        if objective != "flow":
-            raise ValueError(
-                f"--grid-power spaces the steps of a flow-matching ODE solver; this run was "
-                f"trained with --objective {objective}"
-            )
-        if "steps" not in options:
-            raise ValueError(f"--grid-power does not apply to {name} (it chooses its steps)")
-        options["grid_power"] = power
+    try:
+        options = sampling_options(
+            objective, name, args.sample_steps, not args.no_progress, grid_power=power
+        )
+    except ValueError as err:
+        if "grid_power" not in str(err):
+            raise
+        raise ValueError(
+            f"--grid-power {power:g}: {err} (this run: --objective {objective}, --sampler {name})"
+        ) from None
     return _Draw(model, name, options)
 
 

@@ -255,7 +255,7 @@ def test_qm9_sampler_must_match_the_objective(example, tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             qm9.main(["sample", "--out", str(out), "--grid-power", "2", "--no-progress", *extra])
-    with pytest.raises(ValueError, match="--grid-power spaces"):  # before any training
+    with pytest.raises(ValueError, match="--grid-power 2: grid_power spaces"):  # before training
         qm9.main(["all", "--grid-power", "2", "--out", str(tmp_path / "never"), *TINY])
     assert not (tmp_path / "never").exists()
 
@@ -286,7 +286,7 @@ def test_qm9_model_rejects_an_unknown_objective():
         qm9_model(QM9ModelConfig(objective="score"))
 
 
-def test_steps_vs_quality_on_a_flow_run_counts_network_calls(example, tmp_path):
+def test_steps_vs_quality_on_a_flow_run_counts_network_calls(example, tmp_path, capsys):
     qm9 = example("qm9")
     out = tmp_path / "flow"
     qm9.main(["train", "--model", "gdm", "--objective", "flow", "--out", str(out),
@@ -317,9 +317,12 @@ def test_steps_vs_quality_on_a_flow_run_counts_network_calls(example, tmp_path):
     with pytest.raises(SystemExit):
         svq.main(["--run", str(out), "--settings", "euler:3", "--reference", "dopri5",
                   "--out", str(tmp_path / "bad"), "--no-progress"])
-    with pytest.raises(ValueError, match="flow-matching run"):
+    with pytest.raises(SystemExit):  # refused with the library's reason before any sampling
         svq.main(["--run", str(out), "--num-molecules", "2", "--settings", "ancestral:5",
                   "--out", str(tmp_path / "bad"), "--no-progress"])
+    assert "ancestral:5: ancestral is a diffusion sampler; a flow-matching run" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "bad").exists()
     # a grid power reaches the solver: other samples than equal steps from the same noise,
     # recorded per row; power 1 is equal steps exactly
     rows = svq.main(["--run", str(out), "--num-molecules", "3", "--settings",
@@ -352,6 +355,19 @@ def test_sampling_options_per_objective():
     ]:
         with pytest.raises(ValueError, match=message):
             sampling_options(*args)
+    # the grid power: checked once here for every caller (the CLI and steps_vs_quality)
+    assert sampling_options("flow", "euler", 10, grid_power=2) == {
+        "method": "euler", "steps": 10, "grid_power": 2.0}
+    assert "grid_power" not in sampling_options("flow", "euler", 10)  # control
+    for args, power, message in [
+        (("diffusion", "ddim", 20), 2.0, "grid_power spaces the steps"),
+        (("flow", "dopri5"), 2.0, "grid_power does not apply to dopri5"),
+        (("flow", "euler", 10), 0.0, "grid_power must be finite and > 0"),
+        (("flow", "euler", 10), float("inf"), "grid_power must be finite and > 0"),
+        (("flow", "midpoint", 10), "x", "grid_power must be a positive number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            sampling_options(*args, grid_power=power)
 
 
 def test_qm9_flow_time_reaches_the_model_and_is_checked(example, tmp_path):
