@@ -10,7 +10,8 @@ evaluation) and plots (loss vs steps, loss vs seconds, NLL vs steps, frame drift
 A configuration is ``NAME`` or ``NAME:key=value,key=value`` where NAME is a model
 shorthand of the QM9 example (``gdm``, ``edm``, ``canon-gdm``, ...) or
 ``DENOISER+CANONICALIZER`` (``transformer+pca``), and each key is a training flag of the
-example without its dashes (``canon_lr_ratio=0.001``, ``canon_warmup=500``).
+example without its dashes (``canon_lr_ratio=0.001``, ``canon_warmup=500``); a value may
+hold commas (``transformer+pca:objective=flow,flow_time=beta:2,1``).
 
 Example (the command behind docs/results/qm9.md's learning curves)::
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -47,7 +49,9 @@ def parse_config(spec: str) -> tuple[str, list[str]]:
         flags = ["--denoiser", denoiser, "--canonicalizer", canon]
     else:
         flags = ["--model", name]
-    for item in filter(None, extra.split(",")):
+    # a comma starts a new option only before ``key=``: values may hold commas
+    # (``flow_time=beta:2,1``)
+    for item in filter(None, re.split(r",(?=\s*[A-Za-z_][A-Za-z0-9_]*=)", extra)):
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"bad option {item!r} in {spec!r}: expected key=value")

@@ -25,6 +25,11 @@ def test_parse_config_turns_options_into_flags():
     assert curves.parse_config("edm")[1] == ["--model", "edm"]
     with pytest.raises(ValueError, match="key=value"):
         curves.parse_config("edm:oops")
+    # values may hold commas: only a comma before key= starts the next option
+    _, flags = curves.parse_config("transformer+pca:objective=flow,flow_time=beta:2,1,seed=3")
+    assert flags[4:] == ["--objective", "flow", "--flow-time", "beta:2,1", "--seed", "3"]
+    with pytest.raises(ValueError, match="key=value"):
+        curves.parse_config("edm:oops,hidden=8")
 
 
 @pytest.mark.timeout(600)
