@@ -5,7 +5,7 @@ The same contract as [`CanonicalizedDiffusion`][canonwrap.diffusion.Canonicalize
 likelihood), with a flow-matching objective (Lipman et al. 2023) built on Meta's
 ``flow_matching`` package:
 
-    x_1 = c(x), x_0 ~ N(0, I) on the data's subspace, t ~ U(0, 1)
+    x_1 = c(x), x_0 ~ N(0, I) on the data's subspace, t ~ U(0, 1) (or time_distribution)
     x_t = alpha_t x_1 + sigma_t x_0          # CondOT: alpha_t = t, sigma_t = 1 - t
     loss = || v(x_t, t) - (d alpha_t x_1 + d sigma_t x_0) ||^2 / dim(x)
 
@@ -427,9 +427,9 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
     def training_loss(self, data: Any, generator: torch.Generator | None = None) -> LossOutput:
         """Conditional flow matching on the canonical pose (gradients reach both networks).
 
-        ``t ~ U(0, 1)``, ``x_0`` Gaussian noise on the data's subspace (re-paired by
-        ``coupling`` if the model has one), ``x_t`` and the
-        target velocity from ``path``; the loss is the squared error per dimension of the
+        ``t ~ U(0, 1)`` (or the model's ``time_distribution``), ``x_0`` Gaussian noise on
+        the data's subspace (re-paired by ``coupling`` if the model has one), ``x_t`` and
+        the target velocity from ``path``; the loss is the squared error per dimension of the
         predicted velocity (``per_sample``, averaged as ``denoising``) plus the
         canonicalizer's prior loss.
 
