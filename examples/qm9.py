@@ -170,8 +170,8 @@ def subset(ds: QM9, size: int | None) -> QM9:
     return ds.seeded_subset(size)
 
 
-def load_split(split: str, cfg: dict[str, Any], size: int | None) -> QM9:
-    return subset(QM9(split, remove_h=cfg["remove_h"], progress=True), size)
+def load_split(split: str, cfg: dict[str, Any], size: int | None, progress: bool = True) -> QM9:
+    return subset(QM9(split, remove_h=cfg["remove_h"], progress=progress), size)
 
 
 def node_counts_of(train: QM9) -> NodeCountDistribution:
@@ -278,9 +278,10 @@ def _train(args: argparse.Namespace, distributed: bool, rank: int, out: Path) ->
     else:
         cfg = resolve_config(args)
     torch.manual_seed(cfg["seed"] + rank)  # own noise per rank; DDP copies rank 0's weights
-    full_train = QM9("train", remove_h=cfg["remove_h"], progress=True)
+    progress = not args.no_progress
+    full_train = QM9("train", remove_h=cfg["remove_h"], progress=progress)
     train = subset(full_train, cfg["train_size"])
-    valid = load_split("valid", cfg, cfg["val_size"])
+    valid = load_split("valid", cfg, cfg["val_size"], progress)
     node_counts = node_counts_of(full_train)
     model = qm9_model(model_config(cfg), node_counts)
     device = args_device(args.device)
@@ -515,11 +516,11 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         progress=not args.no_progress,
     )
     if has_density(model):
-        test = load_split("test", cfg, args.nll_size or cfg["nll_size"])
+        test = load_split("test", cfg, args.nll_size or cfg["nll_size"], not args.no_progress)
         nll = heldout_nll(model, _loader(test, 64, shuffle=False))
     else:
         nll = {"nll": None, "unavailable": NO_DENSITY}
-    valid = load_split("valid", cfg, cfg["val_size"])
+    valid = load_split("valid", cfg, cfg["val_size"], not args.no_progress)
     result = {
         "model": cfg["model"],
         "molecules": metrics,
