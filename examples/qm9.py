@@ -357,7 +357,7 @@ def _train(args: argparse.Namespace, distributed: bool, rank: int, out: Path) ->
         eval_fn=eval_fn,
         eval_every=cfg["eval_every"],
         eval_with_ema=cfg["weights"] == "ema",
-        progress=not args.no_progress,
+        progress=progress,
         seed=cfg["seed"],
         device=device,
         tensorboard_dir=out / "tensorboard" if getattr(args, "tensorboard", False) else None,
@@ -508,19 +508,20 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if not (out / "samples.xyz").exists():
         raise FileNotFoundError(f"{out / 'samples.xyz'} not found: run `sample` first")
     molecules = read_xyz(out / "samples.xyz")
-    train_smiles = qm9_reference_smiles(cfg["remove_h"], progress=not args.no_progress)
+    progress = not args.no_progress
+    train_smiles = qm9_reference_smiles(cfg["remove_h"], progress=progress)
     metrics = evaluate(
         molecules,
         train_smiles=train_smiles,
         canonicalize_train=False,
-        progress=not args.no_progress,
+        progress=progress,
     )
     if has_density(model):
-        test = load_split("test", cfg, args.nll_size or cfg["nll_size"], not args.no_progress)
+        test = load_split("test", cfg, args.nll_size or cfg["nll_size"], progress)
         nll = heldout_nll(model, _loader(test, 64, shuffle=False))
     else:
         nll = {"nll": None, "unavailable": NO_DENSITY}
-    valid = load_split("valid", cfg, cfg["val_size"], not args.no_progress)
+    valid = load_split("valid", cfg, cfg["val_size"], progress)
     result = {
         "model": cfg["model"],
         "molecules": metrics,
