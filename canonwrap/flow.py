@@ -14,12 +14,17 @@ denoiser is called as for diffusion, ``denoiser(z_t, 1 - t)``: its time input is
 pure noise and ``0`` at clean data, so the networks of [`canonwrap.nn`][canonwrap.nn] and
 their time embeddings serve both objectives unchanged.
 
-**Prediction target: the velocity.** The network's output is ``v(x_t, t)``, the velocity
-of the probability path. Its regression target ``x_1 - x_0`` (CondOT) has the same scale
-at every ``t``, so the loss needs no weighting; the ODE uses the output as it is (a
-clean-data prediction would be turned into a velocity by dividing by ``1 - t``, which
-blows up near the data end, exactly where few-step solvers take their last step); and the
-exact likelihood is the divergence of the network itself.
+**Prediction target: the velocity by default.** The network's output is ``v(x_t, t)``,
+the velocity of the probability path. Its regression target ``x_1 - x_0`` (CondOT) has the
+same scale at every ``t``, so the loss needs no weighting; the ODE uses the output as it
+is; and the exact likelihood is the divergence of the network itself.
+``prediction="data"`` is the alternative that several molecule flows use (the network
+predicts the clean data ``x_1``, the loss is ``|| x_1_hat - x_1 ||^2 / dim(x)``, and the
+ODE's velocity is ``path.target_to_velocity(x_1_hat, x_t, t)``, for CondOT
+``(x_1_hat - x_t) / (1 - t)``). Its price is that division: the velocity is undefined at
+the data end ``t = 1``, so the conversion holds ``t`` at ``1 - DATA_END_GAP`` or less
+(fixed-step solvers never evaluate there; adaptive ones do, at their last stage), and
+``nll`` needs ``decode_at > 0`` (its default then, for every space).
 
 **Zero centre of mass.** For point clouds the noise is drawn on the zero-CoM subspace of
 each graph (Gaussian noise minus its per-graph mean), and the network's output is projected
@@ -76,7 +81,23 @@ from canonwrap.diffusion import LossOutput, _check_clip
 from canonwrap.pointclouds import graph_index, is_point_cloud, nodes_per_graph
 from canonwrap.spaces import PointCloudSpace, Space, State, TensorSpace
 
-__all__ = ["CanonicalizedFlowMatching", "FlowNLLOutput", "AlignedPrior", "FIXED_STEP_METHODS"]
+__all__ = [
+    "CanonicalizedFlowMatching",
+    "FlowNLLOutput",
+    "AlignedPrior",
+    "FIXED_STEP_METHODS",
+    "PREDICTIONS",
+    "DATA_END_GAP",
+]
+
+PREDICTIONS = ("velocity", "data")
+"""What the network of a [`CanonicalizedFlowMatching`][canonwrap.flow.CanonicalizedFlowMatching]
+predicts: the path's velocity (default) or the clean data ``x_1``."""
+
+DATA_END_GAP = 1e-3
+"""With ``prediction="data"``, the velocity ``(x_1_hat - x_t) / (1 - t)`` (CondOT) is
+computed with ``t`` held at ``1 - DATA_END_GAP`` or less; the network still sees the true
+``t``."""
 
 FIXED_STEP_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
 """``torchdiffeq`` methods run on a grid of ``steps`` equal steps; the others (``dopri5``,
@@ -231,8 +252,8 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
     denoiser
         Any module called as ``denoiser(z_t, s)`` with ``z_t`` in the data's layout and
         ``s = 1 - t [B]`` (``1``: noise, ``0``: data, as for diffusion); returns the
-        velocity ``dx_t/dt`` in the same layout (point clouds: one tensor ``[N, 3 + F]`` or
-        a pair ``(v_pos, v_x)``).
+        velocity ``dx_t/dt`` (or, with ``prediction="data"``, the clean data ``x_1``) in the
+        same layout (point clouds: one tensor ``[N, 3 + F]`` or a pair ``(v_pos, v_x)``).
     canonicalizer
         A [`Canonicalizer`][canonwrap.canonicalizers.Canonicalizer]; ``None`` means no
         canonicalization (point clouds are still centred).
@@ -263,6 +284,13 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         which times the regression sees most, not the path, the sampler or the likelihood.
         With a ``generator``, draws are reproducible (the distribution samples under a
         forked RNG seeded from it); without one they come from torch's global RNG.
+    prediction
+        What the network predicts, one of [`PREDICTIONS`][canonwrap.flow.PREDICTIONS]:
+        ``"velocity"`` (default; the loss is the velocity's squared error) or ``"data"``
+        (the clean data ``x_1``; the loss is its squared error, on the CondOT path the
+        velocity's squared error times ``(1 - t)^2``, so times near the data weigh less;
+        the velocity is derived from it, see the module notes). The held-out losses of the
+        two are not comparable; their likelihoods are.
 
     Examples
     --------
@@ -293,8 +321,15 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         coupling: AlignedPrior | None = None,
         canonical_noise: bool = False,
         time_distribution: torch.distributions.Distribution | None = None,
+        prediction: str = "velocity",
     ) -> None:
         super().__init__(denoiser, canonicalizer, space)
+        if prediction not in PREDICTIONS:
+            raise ValueError(
+                f"prediction must be one of {', '.join(map(repr, PREDICTIONS))}; got {prediction!r}"
+            )
+        self.prediction = prediction
+        self._prediction = f"{'velocity' if prediction == 'velocity' else 'clean-data'} predictions"
         self.path = path if path is not None else CondOTProbPath()
         self.coupling = coupling
         self.canonical_noise = bool(canonical_noise)
@@ -308,10 +343,24 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
     def _at_times(self, shown: list) -> str:
         return f" at flow time(s) t = {shown} (0: noise, 1: data)"
 
+    def _predict(self, space: Space, z: State, template: Any, t: Tensor) -> tuple[State, State]:
+        """``(z, output)``: the state on the subspace and the network's raw output at ``t``."""
+        z = space.project(z, template)
+        return z, self._call_denoiser(space, z, template, 1 - t.to(z[0].dtype))
+
+    def _to_velocity(self, space: Space, z: State, x1_hat: State, t: Tensor, template: Any):
+        """The path's velocity at ``z`` for a clean-data prediction (``t`` held off 1)."""
+        x1_hat = space.project(x1_hat, template)
+        held = t.to(z[0].dtype).clamp(max=1.0 - DATA_END_GAP)
+        rows = space.expand(held, z, template)
+        return tuple(self.path.target_to_velocity(a, b, r) for a, b, r in zip(x1_hat, z, rows))
+
     def _velocity(self, space: Space, z: State, template: Any, t: Tensor) -> State:
         """The network's velocity at flow times ``t [B]`` on the data's subspace."""
-        z = space.project(z, template)
-        return self._call_denoiser(space, z, template, 1 - t.to(z[0].dtype))
+        z, out = self._predict(space, z, template, t)
+        if self.prediction == "velocity":
+            return out
+        return self._to_velocity(space, z, out, t, template)
 
     def _noise(self, space: Space, like: State, template: Any, generator) -> State:
         """Gaussian noise on the subspace, in canonical pose if ``canonical_noise``."""
@@ -430,8 +479,8 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         ``t ~ U(0, 1)`` (or the model's ``time_distribution``), ``x_0`` Gaussian noise on
         the data's subspace (re-paired by ``coupling`` if the model has one), ``x_t`` and
         the target velocity from ``path``; the loss is the squared error per dimension of the
-        predicted velocity (``per_sample``, averaged as ``denoising``) plus the
-        canonicalizer's prior loss.
+        predicted velocity (of the predicted clean data ``x_1`` with ``prediction="data"``;
+        ``per_sample``, averaged as ``denoising``) plus the canonicalizer's prior loss.
 
         Parameters
         ----------
@@ -464,6 +513,10 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
             with torch.no_grad():
                 x0 = self.coupling(x0, tuple(c.detach() for c in x1), space, template)
         xt, target = self._interpolate(space, x0, x1, t, template)
+        if self.prediction == "data":
+            _, x1_hat = self._predict(space, xt, template, t)
+            x1_hat = space.project(x1_hat, template)
+            return self._regression_loss(data, space, canon, x1, x1, x1_hat, t)
         v_hat = self._velocity(space, xt, template, t)
         return self._regression_loss(data, space, canon, x1, target, v_hat, t)
 
@@ -643,7 +696,10 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         decode_at
             Flow-time distance ``1 - T`` from the data at which the decoder takes over;
             default ``1e-3`` for spaces with discrete parts and ``0`` (the exact density of
-            continuous data, no decoder) otherwise.
+            continuous data, no decoder) otherwise. A model with ``prediction="data"``
+            needs ``decode_at > 0`` for every space (its velocity is undefined at ``T = 1``)
+            and defaults to ``1e-3``: for continuous data the result is then the bound
+            with the Gaussian decoder.
         generator
             Optional generator for ``eps`` (``decode_at > 0`` only).
 
@@ -656,7 +712,8 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         ------
         ValueError
             When the space has ``node_counts`` and a sample's size has probability zero, or
-            ``decode_at`` is outside ``[0, 1)`` (or zero for a space with discrete parts).
+            ``decode_at`` is outside ``[0, 1)`` (or zero for a space with discrete parts or
+            a model with ``prediction="data"``).
         NotImplementedError
             For a model with ``canonical_noise=True`` (see the class parameters).
         FloatingPointError
@@ -670,12 +727,15 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
                 "(not on the data's subspace); train with canonical_noise=False for a likelihood"
             )
         discrete = type(space).reconstruction_nll is not Space.reconstruction_nll
-        gap = (1e-3 if discrete else 0.0) if decode_at is None else float(decode_at)
-        if not 0.0 <= gap < 1.0 or (discrete and gap == 0.0):
-            raise ValueError(
-                f"decode_at must be in [0, 1) (and > 0 for {type(space).__name__}, whose "
-                f"discrete parts need the decoder); got {decode_at}"
+        needs_gap = discrete or self.prediction == "data"
+        gap = (1e-3 if needs_gap else 0.0) if decode_at is None else float(decode_at)
+        if not 0.0 <= gap < 1.0 or (needs_gap and gap == 0.0):
+            why = (
+                f"{type(space).__name__}, whose discrete parts need the decoder"
+                if discrete
+                else "prediction='data', whose velocity is undefined at the data end"
             )
+            raise ValueError(f"decode_at must be in [0, 1) (and > 0 for {why}); got {decode_at}")
         counts = getattr(space, "node_counts", None)
         if counts is not None and is_point_cloud(data):
             counts.check_support(nodes_per_graph(data), "nll")

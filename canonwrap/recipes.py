@@ -152,6 +152,9 @@ class QM9ModelConfig:
     flow_time : str
         Flow matching only: the density of the training times, one of the forms of
         ``FLOW_TIMES`` (default ``"uniform"``; see ``flow_time_distribution``).
+    flow_prediction : str
+        Flow matching only: what the network predicts, one of
+        [`PREDICTIONS`][canonwrap.flow.PREDICTIONS] (default ``"velocity"``).
     """
 
     denoiser: str = "transformer"
@@ -170,6 +173,7 @@ class QM9ModelConfig:
     coupling: str = "independent"
     canonical_noise: bool = False
     flow_time: str = "uniform"
+    flow_prediction: str = "velocity"
 
 
 def flow_time_distribution(spec: str) -> torch.distributions.Distribution | None:
@@ -402,12 +406,15 @@ def qm9_model(cfg: QM9ModelConfig, node_counts=None) -> CanonicalizedModel:
     if cfg.coupling not in COUPLINGS:
         raise ValueError(f"unknown coupling {cfg.coupling!r}; choose one of {', '.join(COUPLINGS)}")
     if cfg.objective != "flow" and (
-        cfg.coupling != "independent" or cfg.canonical_noise or cfg.flow_time != "uniform"
+        cfg.coupling != "independent"
+        or cfg.canonical_noise
+        or cfg.flow_time != "uniform"
+        or cfg.flow_prediction != "velocity"
     ):
         raise ValueError(
-            f"coupling={cfg.coupling!r}, canonical_noise={cfg.canonical_noise} and "
-            f"flow_time={cfg.flow_time!r} are options of flow matching; the objective is "
-            f"{cfg.objective!r}"
+            f"coupling={cfg.coupling!r}, canonical_noise={cfg.canonical_noise}, "
+            f"flow_time={cfg.flow_time!r} and flow_prediction={cfg.flow_prediction!r} are "
+            f"options of flow matching; the objective is {cfg.objective!r}"
         )
     time_distribution = flow_time_distribution(cfg.flow_time)
     atom_types = QM9_HEAVY_ATOM_TYPES if cfg.remove_h else QM9_ATOM_TYPES
@@ -432,6 +439,7 @@ def qm9_model(cfg: QM9ModelConfig, node_counts=None) -> CanonicalizedModel:
             coupling=coupling,
             canonical_noise=cfg.canonical_noise,
             time_distribution=time_distribution,
+            prediction=cfg.flow_prediction,
         )
     schedule = PolynomialSchedule(cfg.timesteps, power=2, precision=1e-5)
     return CanonicalizedDiffusion(denoiser, canonicalizer, schedule=schedule, space=space)

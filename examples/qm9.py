@@ -58,6 +58,7 @@ from canonwrap.evaluation import (
     load_qm9_run,
     qm9_reference_smiles,
 )
+from canonwrap.flow import PREDICTIONS
 from canonwrap.recipes import (
     CANONICALIZERS,
     COUPLINGS,
@@ -161,6 +162,7 @@ def model_config(cfg: dict[str, Any]) -> QM9ModelConfig:
         coupling=cfg.get("coupling", "independent"),  # runs written before the flags
         canonical_noise=cfg.get("canonical_noise", False),
         flow_time=cfg.get("flow_time", "uniform"),
+        flow_prediction=cfg.get("flow_prediction", "velocity"),
     )
 
 
@@ -206,11 +208,14 @@ def _forward_loss(model: torch.nn.Module, batch) -> Any:
 def check_objective_flags(args: argparse.Namespace) -> None:
     """``ValueError`` for flow-matching flags on a diffusion run or a malformed --flow-time."""
     if args.objective != "flow" and (
-        args.coupling != "independent" or args.canonical_noise or args.flow_time != "uniform"
+        args.coupling != "independent"
+        or args.canonical_noise
+        or args.flow_time != "uniform"
+        or args.flow_prediction != "velocity"
     ):
         raise ValueError(
-            "--coupling, --canonical-noise and --flow-time are options of --objective flow; "
-            f"the objective is {args.objective}"
+            "--coupling, --canonical-noise, --flow-time and --flow-prediction are options of "
+            f"--objective flow; the objective is {args.objective}"
         )
     try:
         flow_time_distribution(args.flow_time)
@@ -243,6 +248,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         coupling=args.coupling,
         canonical_noise=args.canonical_noise,
         flow_time=args.flow_time,
+        flow_prediction=args.flow_prediction,
     )
     for key in PRESETS["full"]:
         value = getattr(args, key, None)
@@ -700,6 +706,14 @@ def parser() -> argparse.ArgumentParser:
             help="--objective flow only: density of the training times (0: noise, 1: data): "
             "uniform, beta:A,B (e.g. beta:2,1, denser near the data) or logit-normal:M,S "
             "(default: uniform)",
+        )
+        sp.add_argument(
+            "--flow-prediction",
+            choices=PREDICTIONS,
+            default="velocity",
+            help="--objective flow only: what the network predicts, the path's velocity or "
+            "the clean data (its velocity is derived; the held-out loss is then not "
+            "comparable with a velocity run's) (default: velocity)",
         )
         sp.add_argument(
             "--no-distance-bias",

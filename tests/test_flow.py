@@ -662,3 +662,159 @@ def test_time_distribution_is_checked():
         )
     model = CanonicalizedFlowMatching(nn.Identity(), time_distribution=dists.Beta(2.0, 1.0))
     assert isinstance(model.time_distribution, dists.Beta)  # control
+
+
+# ---------------------------------------------------------------------- clean-data prediction
+class GaussianCleanData(nn.Module):
+    """The exact ``E[x_1 | x_t]`` for data ``N(mu, s^2 I)`` on the CondOT path:
+    ``mu + t s^2 / (t^2 s^2 + (1 - t)^2) (x - t mu)`` (point clouds: ``mu = 0``), whose
+    velocity ``(E[x_1 | x_t] - x) / (1 - t)`` is ``GaussianVelocity``'s."""
+
+    def __init__(self, s, mu=None):
+        super().__init__()
+        self.s, self.mu = s, mu
+
+    def clean(self, z, t):
+        var = t**2 * self.s**2 + (1 - t) ** 2
+        mu = 0.0 if self.mu is None else self.mu
+        return mu + t * self.s**2 / var * (z - t * mu)
+
+    def forward(self, z, t_net):
+        t = 1 - t_net
+        if isinstance(z, torch.Tensor):
+            return self.clean(z, t[:, None])
+        t_node = t[z.batch][:, None]
+        return self.clean(z.pos, t_node), self.clean(z.x, t_node)
+
+
+def test_clean_data_prediction_turns_into_the_exact_velocity():
+    """float64: the velocity derived from the exact ``E[x_1 | x_t]`` is the exact CondOT
+    velocity, on tensors and on zero-CoM point clouds; past ``1 - DATA_END_GAP`` the
+    conversion holds ``t`` (control: there it differs)."""
+    from canonwrap.flow import DATA_END_GAP
+
+    s = 0.7
+    mu = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    data_model = CanonicalizedFlowMatching(GaussianCleanData(s, mu), prediction="data")
+    vel_model = CanonicalizedFlowMatching(GaussianVelocity(s, mu))
+    space = vel_model._checked_space(x)
+    data_model._checked_space(x)
+    t = torch.tensor([0.0, 0.3, 0.9, 0.998], dtype=torch.float64)
+    (v_data,) = data_model._velocity(space, (x,), x, t)
+    (v_ref,) = vel_model._velocity(space, (x,), x, t)
+    assert (v_data - v_ref).abs().max() < 1e-11
+    held = torch.full((4,), 1 - DATA_END_GAP / 2, dtype=torch.float64)
+    (v_held,) = data_model._velocity(space, (x,), x, held)
+    (v_true,) = vel_model._velocity(space, (x,), x, held)
+    assert (v_held - v_true).abs().max() > 1e-2
+
+    pc = _point_batch([3, 5, 4], features=2)
+    pc_space = PointCloudSpace(num_features=2)
+    pc_data = CanonicalizedFlowMatching(GaussianCleanData(s), space=pc_space, prediction="data")
+    pc_vel = CanonicalizedFlowMatching(GaussianVelocity(s), space=pc_space)
+    state = pc_space.state(pc)
+    t3 = torch.tensor([0.1, 0.5, 0.95], dtype=torch.float64)
+    got, ref = pc_data._velocity(pc_space, state, pc, t3), pc_vel._velocity(pc_space, state, pc, t3)
+    for a, b in zip(got, ref):
+        assert (a - b).abs().max() < 1e-11
+    com = torch.zeros(3, 3, dtype=torch.float64).index_add_(0, pc.batch, got[0])
+    assert com.abs().max() < 1e-12
+
+
+def test_clean_data_prediction_samples_and_scores_like_the_velocity_it_implies():
+    """Same noise, same solver: the data-predicting model's samples and likelihood bound
+    are the velocity model's (float64); a wrong clean-data estimate changes both."""
+    s = 0.7
+    mu = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    data_model = CanonicalizedFlowMatching(GaussianCleanData(s, mu), prediction="data")
+    vel_model = CanonicalizedFlowMatching(GaussianVelocity(s, mu))
+    wrong = CanonicalizedFlowMatching(GaussianCleanData(1.5 * s, mu), prediction="data")
+
+    def draw(model):
+        gen = torch.Generator().manual_seed(0)
+        return model.sample(2000, shape=(3,), dtype=torch.float64, method="midpoint", steps=20,
+                            generator=gen)  # fmt: skip
+
+    got, ref = draw(data_model), draw(vel_model)
+    assert (got - ref).abs().max() < 1e-10
+    assert (got.std(0) - s).abs().max() < 0.05
+    assert (draw(wrong).std(0) - s).abs().min() > 0.3
+
+    x = mu + s * torch.randn(
+        200, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
+
+    def score(model):
+        gen = torch.Generator().manual_seed(2)
+        return model.nll(x, decode_at=1e-3, atol=1e-10, rtol=1e-10, generator=gen).nll
+
+    bound, ref_bound = score(data_model), score(vel_model)
+    assert (bound - ref_bound).abs().max() < 1e-6
+    # the bound's mean is the exact NLL up to its Monte-Carlo error
+    gap = bound - _gaussian_reference(x, mu, s)
+    assert abs(float(gap.mean())) < 4 * float(gap.std()) / math.sqrt(200) + 1e-3
+    assert float((score(wrong) - bound).mean()) > 0.1
+    # the default decode_at of a data-predicting model is 1e-3, also for continuous data
+    default = data_model.nll(
+        x[:4], atol=1e-10, rtol=1e-10, generator=torch.Generator().manual_seed(2)
+    )
+    assert float(default.dequantization.abs().min()) > 0
+    with pytest.raises(ValueError, match="prediction='data', whose velocity is undefined"):
+        data_model.nll(x, decode_at=0.0)
+
+
+class _Constant(nn.Module):
+    """Returns ``value`` everywhere (positions and features of a point cloud)."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+        self.p = nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def forward(self, z, t_net):
+        if isinstance(z, torch.Tensor):
+            return torch.full_like(z, self.value) + 0 * self.p
+        return torch.full_like(z.pos, self.value), torch.full_like(z.x, self.value)
+
+
+def test_clean_data_prediction_regresses_on_the_data_itself():
+    """The loss of ``prediction="data"`` is ``|| x_1_hat - x_1 ||^2 / dim`` with the
+    prediction projected to zero CoM; the velocity loss of the same output differs."""
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    out = CanonicalizedFlowMatching(_Constant(0.0), prediction="data").training_loss(x, gen)
+    assert torch.allclose(out.per_sample, (x**2).mean(1), atol=1e-14)
+    vel = CanonicalizedFlowMatching(_Constant(0.0)).training_loss(
+        x, torch.Generator().manual_seed(1)
+    )
+    assert (vel.per_sample - out.per_sample).abs().max() > 0.1  # control
+
+    pc = _point_batch([3, 5, 4], features=2)
+    space = PointCloudSpace(num_features=2)
+    model = CanonicalizedFlowMatching(_Constant(1.0), space=space, prediction="data")
+    got = model.training_loss(pc, torch.Generator().manual_seed(0)).per_sample
+    # the ones on the positions are a translation, projected away; on the features they stay
+    sq = torch.zeros(3, dtype=torch.float64).index_add_(
+        0, pc.batch, (pc.pos**2).sum(1) + ((pc.x - 1) ** 2).sum(1)
+    )
+    assert torch.allclose(got, sq / space.loss_dims(pc).to(sq), atol=1e-13)
+
+
+def test_clean_data_prediction_trains_and_is_checked():
+    torch.manual_seed(0)
+    model = CanonicalizedFlowMatching(
+        PointMLP(5), PCACanonicalizer(), space=PointCloudSpace(num_features=0), prediction="data"
+    )
+    before = _held_out(model)
+    _train(model, 150, torch.Generator().manual_seed(0))
+    assert _held_out(model) < 0.5 * before
+    gen = torch.Generator().manual_seed(3)
+    samples = model.sample(num_nodes=[5] * 64, steps=20, generator=gen)
+    got = pairwise_distances(samples.pos, samples.batch, 5).median(0).values
+    ref_data = rotated_shapes(64, generator=torch.Generator().manual_seed(4))
+    ref = pairwise_distances(ref_data.pos, ref_data.batch, 5).median(0).values
+    assert (got - ref).abs().max() < 0.35, (got, ref)
+    with pytest.raises(ValueError, match="prediction must be one of 'velocity', 'data'; got 'x1'"):
+        CanonicalizedFlowMatching(nn.Identity(), prediction="x1")
+    assert CanonicalizedFlowMatching(nn.Identity()).prediction == "velocity"

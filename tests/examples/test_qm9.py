@@ -370,9 +370,10 @@ def test_sampling_options_per_objective():
             sampling_options(*args, grid_power=power)
 
 
-def test_qm9_flow_time_reaches_the_model_and_is_checked(example, tmp_path):
-    """--flow-time beta:2,1 trains with Beta(2, 1) times, is saved and rebuilt on reload;
-    it is refused for diffusion and in forms that name no density."""
+def test_qm9_flow_time_and_prediction_reach_the_model_and_are_checked(example, tmp_path):
+    """--flow-time beta:2,1 trains with Beta(2, 1) times and --flow-prediction data with a
+    clean-data network; both are saved and rebuilt on reload; they are refused for
+    diffusion, and --flow-time in forms that name no density."""
     import torch
 
     from canonwrap.evaluation import load_qm9_run
@@ -381,9 +382,12 @@ def test_qm9_flow_time_reaches_the_model_and_is_checked(example, tmp_path):
     qm9 = example("qm9")
     out = tmp_path / "beta"
     qm9.main(["train", "--model", "pca-transformer", "--objective", "flow", "--flow-time",
-              "beta:2,1", "--out", str(out), "--max-steps", "2", *TRAIN])
+              "beta:2,1", "--flow-prediction", "data", "--out", str(out), "--max-steps", "2",
+              *TRAIN])
     model, cfg = load_qm9_run(out)
     assert cfg["model_config"]["flow_time"] == "beta:2,1"
+    assert cfg["model_config"]["flow_prediction"] == "data" and model.prediction == "data"
+    assert qm9.qm9_model(qm9.QM9ModelConfig(objective="flow")).prediction == "velocity"
     dist = model.time_distribution
     assert isinstance(dist, torch.distributions.Beta)
     assert (float(dist.concentration1), float(dist.concentration0)) == (2.0, 1.0)
@@ -396,6 +400,15 @@ def test_qm9_flow_time_reaches_the_model_and_is_checked(example, tmp_path):
                   str(tmp_path / "d"), *TRAIN])
     with pytest.raises(ValueError, match="options of flow matching"):
         qm9.qm9_model(qm9.QM9ModelConfig(flow_time="beta:2,1"))
+    with pytest.raises(ValueError, match="options of --objective flow"):
+        qm9.main(["train", "--model", "gdm", "--flow-prediction", "data", "--out",
+                  str(tmp_path / "d"), *TRAIN])
+    with pytest.raises(ValueError, match="flow_prediction='data' are options of flow"):
+        qm9.qm9_model(qm9.QM9ModelConfig(flow_prediction="data"))
+    with pytest.raises(SystemExit):  # argparse names the choices
+        qm9.main(["train", "--model", "pca-transformer", "--objective", "flow",
+                  "--flow-prediction", "x1", "--out", str(tmp_path / "d"), *TRAIN])
+    assert not (tmp_path / "d").exists()
     for spec, message in (("gamma:1,1", "unknown flow time"), ("beta:2", "two numbers"),
                           ("beta:0,1", "both be > 0"), ("logit-normal:0,0", "must be > 0"),
                           ("beta:nan,1", "finite")):
