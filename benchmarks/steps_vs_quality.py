@@ -181,9 +181,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "network_calls": counter.calls / batches,
             "s_per_molecule": seconds / n,
             **metrics,
-            "mol_stability_se": math.sqrt(
-                metrics["mol_stability"] * (1 - metrics["mol_stability"]) / n
-            ),
+            **{
+                f"{key}_se": math.sqrt(metrics[key] * (1 - metrics[key]) / n)
+                for key in ("mol_stability", "validity", "connected_validity")
+            },
         }
         rows.append(row)
         print(
@@ -231,20 +232,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
         lines.append(
             f"| {r['objective']} | {r['sampler']} | {shown} | {r['network_calls']:.0f} | "
-            f"{100 * r['atom_stability']:.1f} | "
-            f"{100 * r['mol_stability']:.1f} ± {100 * r['mol_stability_se']:.1f} | "
-            f"{100 * r['validity']:.1f} | {100 * r['connected_validity']:.1f} | "
+            f"{_pm(r, 'atom_stability')} | {_pm(r, 'mol_stability')} | "
+            f"{_pm(r, 'validity')} | {_pm(r, 'connected_validity')} | "
             f"{100 * r['uniqueness']:.1f} | "
             f"{100 * r['atom_over_valence']:.1f} / {100 * r['atom_under_valence']:.1f} | "
             f"{r['s_per_molecule']:.3f} |" + extra
         )
-    lines += ["", f"Command: `{command}`"]
+    lines += [
+        "",
+        "± is one standard error: binomial over molecules for the molecule-level rates, "
+        "molecules as the unit for atom stability (atoms of one molecule are not "
+        "independent).",
+        "",
+        f"Command: `{command}`",
+    ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
     print("\n".join(lines))
     return rows
+
+
+def _pm(row: dict, key: str) -> str:
+    """``"52.7 ± 1.1"``: a rate of ``row`` and its standard error, in percent."""
+    se = row.get(f"{key}_se")
+    return f"{100 * row[key]:.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
 
 
 if __name__ == "__main__":

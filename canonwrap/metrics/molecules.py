@@ -631,7 +631,12 @@ def evaluate(
     -------
     dict
         ``atom_stability`` (stable atoms / atoms), ``mol_stability``, ``validity``,
-        ``connected_validity`` (valid and one fragment), ``uniqueness`` (distinct valid
+        ``connected_validity`` (valid and one fragment), ``atom_stability_se`` (the
+        standard error of ``atom_stability`` with molecules as the sampling unit: the
+        ratio estimator's linearised variance, ``sqrt(sum_i (s_i - r n_i)^2 / (m (m - 1)))
+        / mean(n_i)`` for ``m`` molecules with ``n_i`` atoms of which ``s_i`` are stable and
+        ``r = atom_stability``; ``None`` for one molecule, since atoms of one molecule are not
+        independent draws), ``uniqueness`` (distinct valid
         SMILES / valid; 0.0 when none is valid), ``novelty`` (distinct valid SMILES not in
         the training set / distinct valid SMILES; ``None`` without ``train_smiles``, 0.0 when
         none is valid), ``atom_over_valence`` and ``atom_under_valence`` (atoms whose
@@ -663,6 +668,7 @@ def evaluate(
 
     n_molecules = n_atoms = n_stable_atoms = n_stable_molecules = n_connected = 0
     n_over = n_under = 0
+    sum_ss = sum_sn = sum_nn = 0  # per-molecule second moments, for atom_stability_se
     valid_smiles: list[str] = []
     for index, item in enumerate(iterator):
         z, pos = _unpack(item, index)
@@ -675,6 +681,9 @@ def evaluate(
         n_molecules += 1
         n_atoms += n
         n_stable_atoms += n_stable
+        sum_ss += n_stable * n_stable
+        sum_sn += n_stable * n
+        sum_nn += n * n
         n_over += over
         n_under += under
         n_stable_molecules += int(stable)
@@ -700,8 +709,15 @@ def evaluate(
         n_novel = sum(1 for s in unique if s not in reference)
         novelty = n_novel / n_unique if n_unique else 0.0
 
+    ratio = n_stable_atoms / n_atoms
+    atom_se: float | None = None
+    if n_molecules > 1:
+        residual = max(sum_ss - 2 * ratio * sum_sn + ratio**2 * sum_nn, 0.0)
+        mean_atoms = n_atoms / n_molecules
+        atom_se = math.sqrt(residual / (n_molecules * (n_molecules - 1))) / mean_atoms
     return {
-        "atom_stability": n_stable_atoms / n_atoms,
+        "atom_stability": ratio,
+        "atom_stability_se": atom_se,
         "mol_stability": n_stable_molecules / n_molecules,
         "validity": n_valid / n_molecules,
         "connected_validity": n_connected / n_molecules,

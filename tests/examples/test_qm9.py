@@ -304,6 +304,11 @@ def test_steps_vs_quality_on_a_flow_run_counts_network_calls(example, tmp_path, 
     for r in rows:  # where the unstable atoms err: over + under <= unstable
         assert r["n_over_valence"] + r["n_under_valence"] <= r["n_atoms"] - r["n_stable_atoms"]
     assert "atoms over / under valence %" in (tmp_path / "svq.md").read_text()
+    for r in rows:  # standard errors: binomial over the 2 molecules; atoms by molecule
+        v = r["validity"]
+        assert r["validity_se"] == pytest.approx((v * (1 - v) / 2) ** 0.5)
+        assert r["atom_stability_se"] is not None and r["atom_stability_se"] >= 0
+    assert "molecules as the unit for atom stability" in (tmp_path / "svq.md").read_text()
     # compared with a reference from the same noise: the same setting again is identical
     # (distance exactly 0, every type agrees), another solver is not
     rows = svq.main(["--run", str(out), "--num-molecules", "3", "--settings",

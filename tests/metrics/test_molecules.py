@@ -282,6 +282,29 @@ def test_evaluate_counts_and_fractions():
 
 
 @needs_rdkit
+def test_evaluate_atom_stability_se_treats_molecules_as_the_unit():
+    """The SE of atom stability is the ratio estimator's over molecules: computed here from
+    each molecule's (stable, atoms) by check_stability, and checked against a bootstrap over
+    molecules; the binomial SE over atoms (control) understates it for these clustered
+    failures."""
+    mols = _sample() * 4
+    out = evaluate(mols)
+    counts = np.array([check_stability(z, pos)[1:] for z, pos in mols], dtype=float)
+    s, n = counts[:, 0], counts[:, 1]
+    r = s.sum() / n.sum()
+    m = len(mols)
+    expected = np.sqrt(((s - r * n) ** 2).sum() / (m * (m - 1))) / n.mean()
+    assert out["atom_stability_se"] == pytest.approx(expected, rel=1e-12)
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, m, size=(20_000, m))
+    boot = s[picks].sum(1) / n[picks].sum(1)
+    assert out["atom_stability_se"] == pytest.approx(boot.std(), rel=0.05)
+    binomial = np.sqrt(r * (1 - r) / n.sum())
+    assert out["atom_stability_se"] > 1.3 * binomial
+    assert evaluate([methane()])["atom_stability_se"] is None
+
+
+@needs_rdkit
 def test_evaluate_remove_hs_merges_hydrogen_variants():
     out = evaluate(_sample(), remove_hs=True)
     # "C", "C", "CCO", "C" -> 2 distinct of 4
