@@ -435,6 +435,8 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         """The velocity whose predicted data ``x_1`` lies in ``clip`` (tensor data)."""
         low, high = clip
         t = t.expand(space.num_samples(template))
+        if self.prediction == "data":  # the times its velocity came from: x_1 is the network's
+            t = t.clamp(max=1.0 - DATA_END_GAP)
         sigma = self.path.scheduler(t).sigma_t
         out = []
         for xi, vi, ti, si in zip(

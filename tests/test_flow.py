@@ -818,3 +818,25 @@ def test_clean_data_prediction_trains_and_is_checked():
     with pytest.raises(ValueError, match="prediction must be one of 'velocity', 'data'; got 'x1'"):
         CanonicalizedFlowMatching(nn.Identity(), prediction="x1")
     assert CanonicalizedFlowMatching(nn.Identity()).prediction == "velocity"
+
+
+def test_clean_data_prediction_is_clipped_as_predicted():
+    """clip_denoised clamps the network's own clean-data prediction: a constant prediction
+    of 5 clipped to [-1, 1] lands every Euler sample on 1 (control: unclipped, on 5)."""
+    model = CanonicalizedFlowMatching(_Constant(5.0), prediction="data")
+    gen = torch.Generator().manual_seed(0)
+    clipped = model.sample(8, shape=(3,), steps=10, clip_denoised=(-1.0, 1.0), generator=gen,
+                           dtype=torch.float64)  # fmt: skip
+    assert (clipped - 1.0).abs().max() < 1e-12
+    free = model.sample(8, shape=(3,), steps=10, generator=gen, dtype=torch.float64)
+    assert (free - 5.0).abs().max() < 1e-12
+    # past 1 - DATA_END_GAP (an adaptive solver's last stage) the clipped velocity still
+    # heads for the clipped prediction: (1 - x) / DATA_END_GAP
+    from canonwrap.flow import DATA_END_GAP
+
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    space = model._checked_space(x)
+    t = torch.tensor(1.0 - DATA_END_GAP / 2, dtype=torch.float64)
+    v = model._velocity(space, (x,), x, t.expand(2))
+    (got,) = model._clipped_velocity(space, (x,), v, t, x, (-1.0, 1.0))
+    assert torch.allclose(got, (1.0 - x) / DATA_END_GAP, rtol=1e-12)
