@@ -13,6 +13,8 @@ Diffusion runs take the samplers ``ancestral``, ``ddim`` and ``dpm``; flow-match
 setting may end in ``@POWER``: its steps then follow the grid
 ``t_i = 1 - (1 - i / steps) ** POWER`` (``grid_power`` of ``CanonicalizedFlowMatching.sample``;
 ``euler:10@2`` takes steps that shrink towards the data end) instead of equal steps.
+``euler_maruyama`` samples an SDE with the flow's marginals (``CanonicalizedFlowMatching.sample``);
+a setting of it may end in ``~NOISE``, its ``noise_scale`` (``euler_maruyama:50~0.5``).
 
 With ``--reference SETTING`` (one of the settings, a deterministic one: an ODE method, DDIM
 or DPM-Solver), every other deterministic setting is also compared sample by sample with
@@ -20,7 +22,7 @@ the reference's samples, which start from the same noise: the RMS distance of at
 positions per molecule (mean ± standard error over molecules) and the fraction of atoms
 whose type agrees. For a flow model and an accurate reference (``dopri5``) this is the
 end-point error of a few-step solver, small when the learned paths are straight. Ancestral
-sampling draws fresh noise at every step, so it is not compared.
+sampling (and ``euler_maruyama``) draws fresh noise at every step, so it is not compared.
 
 Usage::
 
@@ -55,28 +57,41 @@ DIFFUSION_DEFAULT = "ancestral:1000,ancestral:250,dpm:250,dpm:100,dpm:50,dpm:25,
 FLOW_DEFAULT = "euler:10,euler:20,euler:50,euler:100,midpoint:5,midpoint:10,midpoint:25,dopri5"
 
 
-def _settings(text: str) -> list[tuple[str, int | None, float | None]]:
-    """``(sampler, steps, grid power)`` of each ``sampler[:steps][@power]`` item."""
+Setting = tuple[str, "int | None", "float | None", "float | None"]
+
+
+def _settings(text: str) -> list[Setting]:
+    """``(sampler, steps, grid power, noise)`` of each ``sampler[:steps][@power][~noise]``."""
     out = []
     for item in text.split(","):
-        head, at, power = item.strip().partition("@")
+        rest, tilde, noise = item.strip().partition("~")
+        head, at, power = rest.partition("@")
         name, _, steps = head.partition(":")
         try:
-            out.append((name, int(steps) if steps else None, float(power) if at else None))
+            out.append(
+                (
+                    name,
+                    int(steps) if steps else None,
+                    float(power) if at else None,
+                    float(noise) if tilde else None,
+                )
+            )
         except ValueError:
             raise ValueError(
                 f"setting {item.strip()!r}: use sampler:steps or, for a fixed-step flow "
-                "method, sampler:steps@power (e.g. euler:10@2)"
+                "method, sampler:steps@power (e.g. euler:10@2), and for euler_maruyama "
+                "sampler:steps~noise (e.g. euler_maruyama:50~0.5)"
             ) from None
     return out
 
 
-def _label(key: tuple[str, int | None, float | None]) -> str:
-    name, steps, power = key
+def _label(key: Setting) -> str:
+    name, steps, power, noise = key
     return (
         name
         + (f":{steps}" if steps is not None else "")
         + (f"@{power:g}" if power is not None else "")
+        + (f"~{noise:g}" if noise is not None else "")
     )
 
 
@@ -102,8 +117,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--settings",
         default=None,
         help="comma-separated sampler:steps pairs; diffusion runs: ancestral, ddim, dpm "
-        f"(default {DIFFUSION_DEFAULT}); flow runs: euler, midpoint, dopri5 (no steps) "
-        f"(default {FLOW_DEFAULT})",
+        f"(default {DIFFUSION_DEFAULT}); flow runs: euler, midpoint, dopri5 (no steps), "
+        f"euler_maruyama (steps~noise) (default {FLOW_DEFAULT})",
     )
     parser.add_argument(
         "--reference",
@@ -134,16 +149,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except ValueError as err:
         parser.error(str(err))
     objective = "flow" if flow else "diffusion"
-    for name, steps, power in parsed:  # every setting checked before any sampling
+    for key in parsed:  # every setting checked before any sampling
+        name, steps, power, noise = key
         try:
-            sampling_options(objective, name, steps, grid_power=power)
+            sampling_options(objective, name, steps, grid_power=power, noise_scale=noise)
         except ValueError as err:
-            parser.error(f"{_label((name, steps, power))}: {err}")
+            parser.error(f"{_label(key)}: {err}")
     if args.reference is not None:
         if ref_key not in parsed:
             parser.error(f"--reference {args.reference} is not one of --settings {settings}")
-        if ref_key[0] == "ancestral":
-            parser.error("--reference must be a deterministic sampler (not ancestral)")
+        if ref_key[0] in ("ancestral", "euler_maruyama"):
+            parser.error(f"--reference must be a deterministic sampler (not {ref_key[0]})")
     node_counts = model.space.node_counts
     reference = qm9_reference_smiles(cfg["remove_h"], progress=not args.no_progress)
     sizes = node_counts.sample(
@@ -151,9 +167,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     rows = []
     drawn = []  # the molecules of each setting, in order
-    for name, steps, power in parsed:
+    for key in parsed:
+        name, steps, power, noise = key
         options = sampling_options(
-            objective, name, steps, progress=not args.no_progress, grid_power=power
+            objective,
+            name,
+            steps,
+            progress=not args.no_progress,
+            grid_power=power,
+            noise_scale=noise,
         )
         gen = torch.Generator().manual_seed(args.seed + 1)
         molecules = []
@@ -178,6 +200,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "sampler": name,
             "steps": shown_steps,
             "grid_power": options.get("grid_power", 1.0) if "steps" in options and flow else None,
+            "noise_scale": options.get("noise_scale", 1.0) if name == "euler_maruyama" else None,
             "network_calls": counter.calls / batches,
             "s_per_molecule": seconds / n,
             **metrics,
@@ -188,7 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         }
         rows.append(row)
         print(
-            f"{_label((name, steps, power)):13s} {row['steps']!s:>8} steps "
+            f"{_label(key):13s} {row['steps']!s:>8} steps "
             f"({row['network_calls']:.0f} network calls): "
             f"atom stable {metrics['atom_stability']:.3f}, "
             f"mol stable {metrics['mol_stability']:.3f}, valid {metrics['validity']:.3f}, "
@@ -199,7 +222,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.reference is not None:
         first = parsed.index(ref_key)
         for i, (key, molecules, row) in enumerate(zip(parsed, drawn, rows)):
-            if key[0] != "ancestral" and i != first:
+            if key[0] not in ("ancestral", "euler_maruyama") and i != first:
                 row["vs_reference"] = _distance(molecules, drawn[first])
                 row["vs_reference"]["reference"] = args.reference
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
@@ -227,8 +250,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if d
                 else " — | — |"
             )
-        shown = f"{r['steps']}" + (
-            f" (grid power {r['grid_power']:g})" if r.get("grid_power") not in (None, 1.0) else ""
+        shown = (
+            f"{r['steps']}"
+            + (
+                f" (grid power {r['grid_power']:g})"
+                if r.get("grid_power") not in (None, 1.0)
+                else ""
+            )
+            + (f" (noise {r['noise_scale']:g})" if r.get("noise_scale") is not None else "")
         )
         lines.append(
             f"| {r['objective']} | {r['sampler']} | {shown} | {r['network_calls']:.0f} | "

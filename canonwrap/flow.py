@@ -86,6 +86,7 @@ __all__ = [
     "FlowNLLOutput",
     "AlignedPrior",
     "FIXED_STEP_METHODS",
+    "STOCHASTIC_METHODS",
     "PREDICTIONS",
     "DATA_END_GAP",
 ]
@@ -103,6 +104,13 @@ FIXED_STEP_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
 """``torchdiffeq`` methods run on a grid of ``steps`` equal steps; the others (``dopri5``,
 ``dopri8``, ``bosh3``, ``adaptive_heun``, ``fehlberg2``) choose their steps from ``atol`` and
 ``rtol``."""
+
+STOCHASTIC_METHODS = ("euler_maruyama",)
+"""Samplers of an SDE with the flow's marginals (canonwrap's own, not ``torchdiffeq``), run on
+a grid of ``steps`` steps like the fixed-step ODE methods; see ``noise_scale`` of
+[`CanonicalizedFlowMatching.sample`][canonwrap.flow.CanonicalizedFlowMatching.sample]."""
+
+_STEPPED = FIXED_STEP_METHODS + STOCHASTIC_METHODS
 
 
 @dataclass
@@ -149,11 +157,31 @@ def _check_grid_power(power: Any, method: str) -> float:
         raise ValueError(f"grid_power must be a positive number; got {power!r}") from None
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"grid_power must be finite and > 0; got {power!r}")
-    if value != 1.0 and method not in FIXED_STEP_METHODS:
+    if value != 1.0 and method not in _STEPPED:
         raise ValueError(
             f"grid_power={power!r} spaces the steps of a fixed-step method "
-            f"({', '.join(FIXED_STEP_METHODS)}); the adaptive {method!r} chooses its own steps"
+            f"({', '.join(_STEPPED)}); the adaptive {method!r} chooses its own steps"
         )
+    return value
+
+
+def _check_noise_scale(noise_scale: Any, method: str) -> float:
+    """``noise_scale`` of ``sample``: ``0`` for ODE methods, finite and ``>= 0`` for SDE ones."""
+    if method not in STOCHASTIC_METHODS:
+        if noise_scale is not None:
+            raise ValueError(
+                f"noise_scale={noise_scale!r} is the noise of a stochastic sampler "
+                f"({', '.join(STOCHASTIC_METHODS)}); the ODE method {method!r} adds none"
+            )
+        return 0.0
+    if noise_scale is None:
+        return 1.0
+    try:
+        value = float(noise_scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"noise_scale must be a number >= 0; got {noise_scale!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"noise_scale must be finite and >= 0; got {noise_scale!r}")
     return value
 
 
@@ -415,6 +443,13 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         velocity recomputed from it (where the path's ``sigma_t > 0``; at ``t = 1`` the
         velocity is left as predicted).
         """
+        return ODESolver(
+            velocity_model=self._packed_velocity(space, template, packer, bad, end, clip)
+        )
+
+    def _packed_velocity(self, space, template, packer: _Packer, bad: list, end=1.0, clip=None):
+        """The velocity as a function of the packed state and the solver's time (see
+        ``_solver``), recording the first flow time of a non-finite velocity in ``bad``."""
         b = packer.b
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:  # t: the solver's time
@@ -427,7 +462,25 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
                 v = self._clipped_velocity(space, state, v, flow_t, template, clip)
             return end * packer.pack(v)
 
-        return ODESolver(velocity_model=velocity)
+        return velocity
+
+    def _euler_maruyama(
+        self, velocity, x: Tensor, grid: Tensor, noise_scale: float, draw_noise
+    ) -> Tensor:
+        """Euler-Maruyama on ``dx = (v - noise_scale * eps_hat) dt + sqrt(2 noise_scale
+        sigma_t) dW`` over ``grid``, the last step without noise (see ``sample``)."""
+        last = len(grid) - 2
+        for i in range(last + 1):
+            t, h = grid[i], grid[i + 1] - grid[i]
+            v = velocity(x, t)
+            if i == last or noise_scale == 0.0:
+                x = x + h * v
+                continue
+            eps_hat = self.path.velocity_to_epsilon(v, x, t)
+            sigma = self.path.scheduler(t).sigma_t
+            x = x + h * (v - noise_scale * eps_hat)
+            x = x + torch.sqrt(2.0 * noise_scale * sigma * h) * draw_noise()
+        return x
 
     def _clipped_velocity(
         self, space: Space, x: State, v: State, t: Tensor, template: Any, clip
@@ -464,7 +517,7 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         Fixed steps: ``t_i = start + (end - start) * (1 - (1 - i / steps) ** power)``,
         equal steps for ``power = 1``, steps that shrink towards ``end`` for ``power > 1``.
         """
-        if method in FIXED_STEP_METHODS:
+        if method in _STEPPED:
             if int(steps) < 1:
                 raise ValueError(f"steps must be >= 1 for method={method!r}; got {steps}")
             u = torch.linspace(0.0, 1.0, int(steps) + 1, dtype=torch.float64)
@@ -547,8 +600,20 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         max_graph_bytes: float | None = None,
         clip_denoised: tuple[float, float] | None = None,
         grid_power: float = 1.0,
+        noise_scale: float | None = None,
     ) -> Any:
         """Draw samples by integrating the learned velocity from noise (``t = 0``) to data.
+
+        The ODE ``dx = v dt`` by ``flow_matching``'s solver, or, with
+        ``method="euler_maruyama"``, an SDE with the same marginals: with the path's
+        ``x_t = alpha_t x_1 + sigma_t x_0``, the score is ``-eps_hat / sigma_t`` where
+        ``eps_hat = E[x_0 | x_t]`` follows from the velocity (``path.velocity_to_epsilon``),
+        and for any ``g_t`` the SDE ``dx = (v + g_t^2 / 2 * score) dt + g_t dW`` keeps the
+        marginals of the ODE. canonwrap takes ``g_t^2 = 2 * noise_scale * sigma_t``, so the
+        drift is ``v - noise_scale * eps_hat`` and the noise vanishes at the data end; the
+        last step adds no noise. Fresh noise (on the data's subspace) re-randomises the state
+        at every step, which lets it correct the errors of earlier steps, as ancestral
+        sampling does for diffusion; ``noise_scale = 0`` is the Euler ODE.
 
         Parameters
         ----------
@@ -562,7 +627,8 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         method
             A ``torchdiffeq`` method run by ``flow_matching``'s ``ODESolver``: one of
             [`FIXED_STEP_METHODS`][canonwrap.flow.FIXED_STEP_METHODS] (``steps`` equal
-            steps) or an adaptive one such as ``"dopri5"``.
+            steps) or an adaptive one such as ``"dopri5"``; or ``"euler_maruyama"`` (the
+            SDE above, ``steps`` network calls).
         steps
             Number of steps of a fixed-step method (Euler: ``steps`` network calls,
             midpoint: ``2 * steps``).
@@ -597,6 +663,10 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
             steps: the first step is 0.19 long, the last 0.01), where the CondOT velocity of
             a finely structured distribution changes fastest; ``< 1``: the reverse. Adaptive
             methods choose their own steps and refuse any other value than 1.
+        noise_scale
+            ``method="euler_maruyama"`` only: the noise ``g_t^2 = 2 * noise_scale * sigma_t``
+            of the SDE (default 1; 0 gives the Euler ODE). Larger values re-randomise more
+            per step and need more steps to keep the discretisation error small.
 
         Returns
         -------
@@ -609,7 +679,10 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
             For sizes or shapes that cannot be sampled, graphs beyond ``max_graph_bytes``,
             or a ``clip_denoised`` that is no finite ``(low, high)`` with ``low < high`` (or
             is given for point clouds), or a ``grid_power`` that is not a finite positive
-            number (or is not 1 for an adaptive method).
+            number (or is not 1 for an adaptive method), or a ``noise_scale`` that is not a
+            finite number ``>= 0``, given for an ODE method, or asked of a model with
+            ``canonical_noise=True`` (its noise is no Gaussian, so the score identity does
+            not hold).
         FloatingPointError
             When the network returned NaN/Inf (the first flow time is named) or the
             solver's state overflowed although every prediction was finite.
@@ -621,6 +694,12 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         )
         clip = _check_clip(clip_denoised, space)
         power = _check_grid_power(grid_power, method)
+        noise = _check_noise_scale(noise_scale, method)
+        if method in STOCHASTIC_METHODS and self.canonical_noise:
+            raise ValueError(
+                f"method={method!r} needs the score of a Gaussian start; a model with "
+                "canonical_noise=True starts from canonical poses of the noise: use an ODE method"
+            )
         b = space.num_samples(template)
         like = space.state(template)
         packer = _Packer(space, template, like)
@@ -628,9 +707,24 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         bad = [torch.full((), -1.0, dtype=dtype, device=device)]
         step_size, grid = self._grid(method, steps, 0.0, 1.0, x0, power)
         try:
-            x1 = self._solver(space, template, packer, bad, clip=clip).sample(
-                x_init=x0, step_size=step_size, method=method, atol=atol, rtol=rtol, time_grid=grid
-            )
+            if method in STOCHASTIC_METHODS:
+                velocity = self._packed_velocity(space, template, packer, bad, clip=clip)
+                x1 = self._euler_maruyama(
+                    velocity,
+                    x0,
+                    grid,
+                    noise,
+                    lambda: packer.pack(space.noise(like, template, generator)),
+                )
+            else:
+                x1 = self._solver(space, template, packer, bad, clip=clip).sample(
+                    x_init=x0,
+                    step_size=step_size,
+                    method=method,
+                    atol=atol,
+                    rtol=rtol,
+                    time_grid=grid,
+                )
         except AssertionError as err:  # an adaptive step shrank to nothing on NaN/Inf
             self._raise_if_denoiser_failed("sample", bad, err)
             raise

@@ -269,6 +269,7 @@ def sampling_options(
     steps: int | None = None,
     progress: bool = False,
     grid_power: float | None = None,
+    noise_scale: float | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of ``model.sample`` for the sampler ``name`` with ``steps`` steps.
 
@@ -279,7 +280,8 @@ def sampling_options(
     name : str
         Diffusion: a name of ``DIFFUSION_SAMPLERS`` (see ``make_sampler``). Flow matching:
         a fixed-step ODE method of [`FIXED_STEP_METHODS`][canonwrap.flow.FIXED_STEP_METHODS]
-        (``steps``, default 100) or ``"dopri5"`` (adaptive: no ``steps``).
+        (``steps``, default 100), ``"dopri5"`` (adaptive: no ``steps``) or the SDE sampler
+        ``"euler_maruyama"`` (``steps``, default 100).
     steps : int, optional
         Number of steps (each sampler's default when ``None``).
     progress : bool
@@ -289,23 +291,33 @@ def sampling_options(
         ``t_i = 1 - (1 - i / steps) ** grid_power`` (see
         [`CanonicalizedFlowMatching.sample`][canonwrap.flow.CanonicalizedFlowMatching.sample]);
         ``None`` (default) leaves the model's equal steps.
+    noise_scale : float, optional
+        ``"euler_maruyama"`` only: its noise (``noise_scale`` of ``sample``); ``None``
+        (default) leaves the sampler's default.
 
     Returns
     -------
     dict
         Diffusion: ``sampler`` and ``progress``; flow matching: ``method`` and, for
-        fixed-step methods, ``steps`` (and ``grid_power`` when given).
+        fixed-step methods, ``steps`` (and ``grid_power`` and ``noise_scale`` when given).
 
     Raises
     ------
     ValueError
         A sampler of the other objective, an unknown one, ``steps`` for ``dopri5``, or a
         ``grid_power`` that is not finite and positive, or given for diffusion or
-        ``dopri5``. Every message about the grid power names ``grid_power``.
+        ``dopri5``; a ``noise_scale`` for any other sampler than ``euler_maruyama`` or
+        that is not a finite number ``>= 0``. Every message about the grid power names
+        ``grid_power``, every one about the noise ``noise_scale``.
     """
-    from canonwrap.flow import FIXED_STEP_METHODS, _check_grid_power
+    from canonwrap.flow import (
+        FIXED_STEP_METHODS,
+        STOCHASTIC_METHODS,
+        _check_grid_power,
+        _check_noise_scale,
+    )
 
-    flow_samplers = (*FIXED_STEP_METHODS, "dopri5")
+    flow_samplers = (*FIXED_STEP_METHODS, "dopri5", *STOCHASTIC_METHODS)
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if objective != "flow":
@@ -318,6 +330,11 @@ def sampling_options(
             raise ValueError(
                 "grid_power spaces the steps of a flow-matching ODE solver; a "
                 f"{objective} run has no such steps"
+            )
+        if noise_scale is not None:
+            raise ValueError(
+                f"noise_scale is the noise of the flow-matching sampler "
+                f"{', '.join(STOCHASTIC_METHODS)}; a {objective} run has none"
             )
         return {"sampler": make_sampler(name, steps), "progress": progress}
     if name in DIFFUSION_SAMPLERS:
@@ -332,12 +349,15 @@ def sampling_options(
             )
         if grid_power is not None:
             raise ValueError("grid_power does not apply to dopri5 (it chooses its steps)")
+        _check_noise_scale(noise_scale, name)
         return {"method": name}
-    if name not in FIXED_STEP_METHODS:
+    if name not in FIXED_STEP_METHODS + STOCHASTIC_METHODS:
         raise ValueError(f"unknown ODE method {name!r}; choose one of {', '.join(flow_samplers)}")
     options: dict[str, Any] = {"method": name, "steps": steps or 100}
     if grid_power is not None:
         options["grid_power"] = _check_grid_power(grid_power, name)
+    if noise_scale is not None:
+        options["noise_scale"] = _check_noise_scale(noise_scale, name)
     return options
 
 

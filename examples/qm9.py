@@ -79,7 +79,7 @@ from canonwrap.training import EMA, Trainer, claim_run_folder, distributed_sampl
 
 MODELS = tuple(SHORTHANDS)
 #: The ODE solvers that --sampler offers for flow runs (diffusion's: DIFFUSION_SAMPLERS).
-FLOW_SAMPLERS = ("euler", "midpoint", "dopri5")
+FLOW_SAMPLERS = ("euler", "midpoint", "dopri5", "euler_maruyama")
 #: Flow runs: the validation NLL logged during training integrates the ODE with this fixed
 #: number of midpoint steps (cheap, approximate: a monitor); ``evaluate``'s test NLL uses the
 #: library's adaptive default (dopri5, atol = rtol = 1e-5).
@@ -461,10 +461,12 @@ class _Draw:
             return repr(self.options["sampler"])
         steps = self.options.get("steps")
         power = self.options.get("grid_power")
+        noise = self.options.get("noise_scale")
         return (
-            f"ODE({self.name}"
+            f"{'SDE' if self.name == 'euler_maruyama' else 'ODE'}({self.name}"
             + (f", steps={steps}" if steps else "")
             + (f", grid_power={power:g}" if power is not None else "")
+            + (f", noise_scale={noise:g}" if noise is not None else "")
             + ")"
         )
 
@@ -492,16 +494,24 @@ def sampling_function(model, objective: str, args: argparse.Namespace) -> _Draw:
     if name == "dopri5" and args.sample_steps is not None:
         raise ValueError("--sample-steps does not apply to dopri5 (it chooses its steps)")
     power = getattr(args, "grid_power", None)
+    noise = getattr(args, "noise_scale", None)
     try:
         options = sampling_options(
-            objective, name, args.sample_steps, not args.no_progress, grid_power=power
+            objective,
+            name,
+            args.sample_steps,
+            not args.no_progress,
+            grid_power=power,
+            noise_scale=noise,
         )
     except ValueError as err:
-        if "grid_power" not in str(err):
-            raise
-        raise ValueError(
-            f"--grid-power {power:g}: {err} (this run: --objective {objective}, --sampler {name})"
-        ) from None
+        for flag, key, value in (("--grid-power", "grid_power", power),
+                                 ("--noise-scale", "noise_scale", noise)):  # fmt: skip
+            if key in str(err):
+                raise ValueError(
+                    f"{flag} {value:g}: {err} (this run: --objective {objective}, --sampler {name})"
+                ) from None
+        raise
     return _Draw(model, name, options)
 
 
@@ -778,15 +788,15 @@ def parser() -> argparse.ArgumentParser:
             choices=[*DIFFUSION_SAMPLERS, *FLOW_SAMPLERS],
             default=None,
             help="diffusion runs: reverse-process sampler ancestral, ddim or dpm; flow runs: "
-            "ODE solver euler, midpoint or dopri5 (adaptive) (default: ancestral for "
-            "diffusion, euler for flow)",
+            "ODE solver euler, midpoint or dopri5 (adaptive), or the SDE sampler "
+            "euler_maruyama (default: ancestral for diffusion, euler for flow)",
         )
         sp.add_argument(
             "--sample-steps",
             type=int,
             default=None,
-            help="sampling steps (default: T for ancestral, 50 ddim, 20 dpm, 100 euler or "
-            "midpoint; dopri5 chooses its own)",
+            help="sampling steps (default: T for ancestral, 50 ddim, 20 dpm, 100 euler, "
+            "midpoint or euler_maruyama; dopri5 chooses its own)",
         )
         sp.add_argument(
             "--grid-power",
@@ -794,6 +804,13 @@ def parser() -> argparse.ArgumentParser:
             default=None,
             help="flow runs, euler/midpoint: the steps follow t_i = 1 - (1 - i/steps)^P, "
             "shrinking towards the data end for P > 1 (default: equal steps)",
+        )
+        sp.add_argument(
+            "--noise-scale",
+            type=float,
+            default=None,
+            help="flow runs, euler_maruyama: the SDE's noise, g_t^2 = 2 * S * sigma_t "
+            "(0: the Euler ODE) (default: 1)",
         )
 
     def eval_args(sp):
