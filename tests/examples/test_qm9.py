@@ -6,32 +6,10 @@ import torch
 
 from tests.helpers import load_script
 
-TRAIN = [
-    "--quick",
-    "--train-size",
-    "48",
-    "--val-size",
-    "16",
-    "--hidden",
-    "8",
-    "--layers",
-    "1",
-    "--canon-hidden",
-    "8",
-    "--canon-layers",
-    "1",
-    "--timesteps",
-    "20",
-    "--batch-size",
-    "8",
-    "--threads",
-    "1",
-    "--no-progress",
-    "--nll-size",
-    "8",
-    "--eval-every",
-    "2",
-]
+TRAIN = ["--quick", "--train-size", "48", "--val-size", "16",
+         "--hidden", "8", "--layers", "1", "--canon-hidden", "8", "--canon-layers", "1",
+         "--timesteps", "20", "--batch-size", "8", "--threads", "1", "--no-progress",
+         "--nll-size", "8", "--eval-every", "2"]
 TINY = TRAIN + ["--num-samples", "3"]
 
 
@@ -61,49 +39,15 @@ def test_qm9_resume_and_ddim_sampling_and_figure(example, tmp_path):
     qm9 = example("qm9")
     out = tmp_path / "run"
     qm9.main(["train", "--model", "canon-gdm", "--out", str(out), "--max-steps", "2", *TRAIN])
-    res = qm9.main(
-        [
-            "train",
-            "--model",
-            "canon-gdm",
-            "--out",
-            str(out),
-            "--resume",
-            "--max-steps",
-            "4",
-            "--no-progress",
-        ]
-    )
+    res = qm9.main(["train", "--model", "canon-gdm", "--out", str(out), "--resume",
+                    "--max-steps", "4", "--no-progress"])
     assert res["steps"] == 4
-    timing = qm9.main(
-        [
-            "sample",
-            "--out",
-            str(out),
-            "--num-samples",
-            "2",
-            "--sampler",
-            "ddim",
-            "--sample-steps",
-            "5",
-            "--no-progress",
-        ]
-    )
+    timing = qm9.main(["sample", "--out", str(out), "--num-samples", "2", "--sampler", "ddim",
+                       "--sample-steps", "5", "--no-progress"])
     assert timing["num_samples"] == 2
     svq = load_script("benchmarks/steps_vs_quality.py")
-    rows = svq.main(
-        [
-            "--run",
-            str(out),
-            "--num-molecules",
-            "2",
-            "--settings",
-            "ancestral:5,dpm:3,ddim:3",
-            "--out",
-            str(tmp_path / "svq"),
-            "--no-progress",
-        ]
-    )
+    rows = svq.main(["--run", str(out), "--num-molecules", "2", "--settings",
+                     "ancestral:5,dpm:3,ddim:3", "--out", str(tmp_path / "svq"), "--no-progress"])
     assert [r["steps"] for r in rows] == [5, 3, 3]
     assert all(r["objective"] == "diffusion" for r in rows)
     assert rows[0]["network_calls"] == 6  # 5 ancestral steps, then the decoding at t = 0
@@ -127,39 +71,21 @@ def test_qm9_composed_model_logs_frame_drift(example, tmp_path):
     """--denoiser/--canonicalizer compose freely; a learned canonicalizer's drift is logged."""
     qm9 = example("qm9")
     out = tmp_path / "composed"
-    res = qm9.main(
-        [
-            "train",
-            "--denoiser",
-            "transformer",
-            "--canonicalizer",
-            "egnn-anchored",
-            "--canon-warmup",
-            "1",
-            "--out",
-            str(out),
-            "--max-steps",
-            "4",
-            *TRAIN,
-        ]
-    )
+    res = qm9.main(["train", "--denoiser", "transformer", "--canonicalizer", "egnn-anchored",
+                    "--canon-warmup", "1", "--out", str(out), "--max-steps", "4", *TRAIN])
     assert res["steps"] == 4
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"] == "transformer+egnn-anchored"
     assert cfg["model_config"]["canonicalizer"] == "egnn-anchored"
-    evals = [
-        json.loads(line)["eval"]
-        for line in (out / "checkpoints" / "log.jsonl").read_text().splitlines()
-        if '"eval"' in line
-    ]
+    evals = [json.loads(line)["eval"] for line in
+             (out / "checkpoints" / "log.jsonl").read_text().splitlines() if '"eval"' in line]
     assert len(evals) == 2
     for ev in evals:
         assert ev["frame_drift_deg"] >= 0 and ev["frame_drift_total_deg"] >= 0
         assert ev["val_nll"] > 0 and ev["val_loss"] > 0
     # the anchor's prior is part of the training loss and is logged as a term
-    records = [
-        json.loads(line) for line in (out / "checkpoints" / "log.jsonl").read_text().splitlines()
-    ]
+    records = [json.loads(line) for line in
+               (out / "checkpoints" / "log.jsonl").read_text().splitlines()]
     assert any("prior" in r.get("terms", {}) for r in records)
 
 
@@ -206,20 +132,8 @@ def test_mlp_ratio_reaches_the_transformer_and_survives_reloading(example, tmp_p
 
     qm9 = example("qm9")
     out = tmp_path / "run"
-    qm9.main(
-        [
-            "train",
-            "--model",
-            "pca-transformer",
-            "--out",
-            str(out),
-            "--max-steps",
-            "1",
-            "--mlp-ratio",
-            "2",
-            *TRAIN,
-        ]
-    )
+    qm9.main(["train", "--model", "pca-transformer", "--out", str(out), "--max-steps", "1",
+              "--mlp-ratio", "2", *TRAIN])
     model, cfg = load_qm9_run(out)
     assert cfg["mlp_ratio"] == 2.0 and cfg["model_config"]["mlp_ratio"] == 2.0
     widths = {block.mlp[0].out_features for block in model.denoiser.blocks}
@@ -238,21 +152,8 @@ def test_qm9_all_with_flow_matching(example, tmp_path, model):
 
     qm9 = example("qm9")
     out = tmp_path / model
-    result = qm9.main(
-        [
-            "all",
-            "--model",
-            model,
-            "--objective",
-            "flow",
-            "--out",
-            str(out),
-            "--max-steps",
-            "3",
-            *TINY,
-            *FLOW_SAMPLING,
-        ]
-    )
+    result = qm9.main(["all", "--model", model, "--objective", "flow", "--out", str(out),
+                       "--max-steps", "3", *TINY, *FLOW_SAMPLING])
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["objective"] == "flow" and cfg["model_config"]["objective"] == "flow"
     loaded, _ = load_qm9_run(out)
@@ -268,11 +169,8 @@ def test_qm9_all_with_flow_matching(example, tmp_path, model):
     for name in ("samples.xyz", "samples.sdf", "samples.pt"):
         assert (out / name).exists(), name
     assert "euler" in json.loads((out / "sampling.json").read_text())["sampler"]
-    evals = [
-        json.loads(line)["eval"]
-        for line in (out / "checkpoints" / "log.jsonl").read_text().splitlines()
-        if '"eval"' in line
-    ]
+    evals = [json.loads(line)["eval"] for line in
+             (out / "checkpoints" / "log.jsonl").read_text().splitlines() if '"eval"' in line]
     assert evals and all(math.isfinite(ev["val_nll"]) and ev["val_loss"] > 0 for ev in evals)
 
 
@@ -286,22 +184,8 @@ def test_qm9_flow_couplings_and_canonical_noise_reach_the_model(example, tmp_pat
 
     qm9 = example("qm9")
     out = tmp_path / "both"
-    qm9.main(
-        [
-            "train",
-            "--model",
-            "pca-transformer",
-            "--objective",
-            "flow",
-            "--coupling",
-            "rotation+assignment",
-            "--out",
-            str(out),
-            "--max-steps",
-            "2",
-            *TRAIN,
-        ]
-    )
+    qm9.main(["train", "--model", "pca-transformer", "--objective", "flow", "--coupling",
+              "rotation+assignment", "--out", str(out), "--max-steps", "2", *TRAIN])
     model, cfg = load_qm9_run(out)
     assert cfg["model_config"]["coupling"] == "rotation+assignment"
     prior = model.coupling
@@ -313,33 +197,16 @@ def test_qm9_flow_couplings_and_canonical_noise_reach_the_model(example, tmp_pat
     assert qm9.qm9_model(qm9.QM9ModelConfig(objective="flow")).coupling is None  # control
 
     out = tmp_path / "canonical"
-    result = qm9.main(
-        [
-            "all",
-            "--model",
-            "pca-transformer",
-            "--objective",
-            "flow",
-            "--canonical-noise",
-            "--out",
-            str(out),
-            "--max-steps",
-            "2",
-            *TINY,
-            *FLOW_SAMPLING,
-        ]
-    )
+    result = qm9.main(["all", "--model", "pca-transformer", "--objective", "flow",
+                       "--canonical-noise", "--out", str(out), "--max-steps", "2", *TINY,
+                       *FLOW_SAMPLING])
     model, cfg = load_qm9_run(out)
     assert model.canonical_noise and model.coupling is None
-    assert (
-        result["test_nll"]["nll"] is None and "canonical-noise" in result["test_nll"]["unavailable"]
-    )
+    assert result["test_nll"]["nll"] is None and "canonical-noise" in result["test_nll"][
+        "unavailable"]
     assert "test NLL: none (trained with --canonical-noise" in capsys.readouterr().out
-    evals = [
-        json.loads(line)["eval"]
-        for line in (out / "checkpoints" / "log.jsonl").read_text().splitlines()
-        if '"eval"' in line
-    ]
+    evals = [json.loads(line)["eval"] for line in
+             (out / "checkpoints" / "log.jsonl").read_text().splitlines() if '"eval"' in line]
     assert evals and all("val_nll" not in ev and ev["val_loss"] > 0 for ev in evals)
     assert result["molecules"]["n_molecules"] == 3
 
@@ -355,20 +222,8 @@ def test_qm9_flow_couplings_and_canonical_noise_reach_the_model(example, tmp_pat
 def test_qm9_sampler_must_match_the_objective(example, tmp_path):
     qm9 = example("qm9")
     flow, diffusion = tmp_path / "flow", tmp_path / "diffusion"
-    qm9.main(
-        [
-            "train",
-            "--model",
-            "gdm",
-            "--objective",
-            "flow",
-            "--out",
-            str(flow),
-            "--max-steps",
-            "1",
-            *TRAIN,
-        ]
-    )
+    qm9.main(["train", "--model", "gdm", "--objective", "flow", "--out", str(flow),
+              "--max-steps", "1", *TRAIN])
     qm9.main(["train", "--model", "gdm", "--out", str(diffusion), "--max-steps", "1", *TRAIN])
     for sampler in ("ancestral", "ddim", "dpm"):
         with pytest.raises(ValueError, match="--objective flow: choose one of euler, midpoint"):
@@ -377,46 +232,14 @@ def test_qm9_sampler_must_match_the_objective(example, tmp_path):
         with pytest.raises(ValueError, match="--objective diffusion: choose one of ancestral"):
             qm9.main(["sample", "--out", str(diffusion), "--sampler", sampler, "--no-progress"])
     with pytest.raises(ValueError, match="dopri5"):
-        qm9.main(
-            [
-                "sample",
-                "--out",
-                str(flow),
-                "--sampler",
-                "dopri5",
-                "--sample-steps",
-                "4",
-                "--no-progress",
-            ]
-        )
+        qm9.main(["sample", "--out", str(flow), "--sampler", "dopri5", "--sample-steps", "4",
+                  "--no-progress"])
     with pytest.raises(ValueError, match="diffusion sampler"):  # before any training
-        qm9.main(
-            [
-                "all",
-                "--objective",
-                "flow",
-                "--sampler",
-                "ddim",
-                "--out",
-                str(tmp_path / "never"),
-                *TINY,
-            ]
-        )
+        qm9.main(["all", "--objective", "flow", "--sampler", "ddim", "--out",
+                  str(tmp_path / "never"), *TINY])
     assert not (tmp_path / "never").exists()
-    timing = qm9.main(
-        [
-            "sample",
-            "--out",
-            str(flow),
-            "--sampler",
-            "midpoint",
-            "--sample-steps",
-            "2",
-            "--num-samples",
-            "2",
-            "--no-progress",
-        ]
-    )
+    timing = qm9.main(["sample", "--out", str(flow), "--sampler", "midpoint", "--sample-steps",
+                       "2", "--num-samples", "2", "--no-progress"])
     assert timing["num_samples"] == 2 and "midpoint" in timing["sampler"]
     # --grid-power: flow runs with a fixed-step solver only; it reaches the solver
     samples = {}
@@ -439,14 +262,15 @@ def test_qm9_sampler_must_match_the_objective(example, tmp_path):
     # refused for an ODE solver and for diffusion runs
     timing = qm9.main(["sample", "--out", str(flow), "--sampler", "euler_maruyama",
                        "--sample-steps", "3", "--noise-scale", "0.5", "--num-samples", "2",
-                       "--no-progress"])  # fmt: skip
+                       "--no-progress"])
     assert timing["sampler"] == "SDE(euler_maruyama, steps=3, noise_scale=0.5)"
     for out, extra, message in [
         (diffusion, [], "--noise-scale 0.5: noise_scale is the noise of the flow-matching"),
         (flow, ["--sampler", "midpoint"], "--noise-scale 0.5: .* the ODE method 'midpoint'"),
     ]:
         with pytest.raises(ValueError, match=message):
-            qm9.main(["sample", "--out", str(out), "--noise-scale", "0.5", "--no-progress", *extra])
+            qm9.main(["sample", "--out", str(out), "--noise-scale", "0.5", "--no-progress",
+                      *extra])
 
 
 def test_qm9_run_without_objective_loads_as_diffusion(example, tmp_path):
@@ -478,38 +302,14 @@ def test_qm9_model_rejects_an_unknown_objective():
 def test_steps_vs_quality_on_a_flow_run_counts_network_calls(example, tmp_path, capsys):
     qm9 = example("qm9")
     out = tmp_path / "flow"
-    qm9.main(
-        [
-            "train",
-            "--model",
-            "gdm",
-            "--objective",
-            "flow",
-            "--out",
-            str(out),
-            "--max-steps",
-            "2",
-            *TRAIN,
-        ]
-    )
+    qm9.main(["train", "--model", "gdm", "--objective", "flow", "--out", str(out),
+              "--max-steps", "2", *TRAIN])
     svq = load_script("benchmarks/steps_vs_quality.py")
-    rows = svq.main(
-        [
-            "--run",
-            str(out),
-            "--num-molecules",
-            "2",
-            "--settings",
-            "euler:3,midpoint:2,dopri5",
-            "--out",
-            str(tmp_path / "svq"),
-            "--no-progress",
-        ]
-    )
+    rows = svq.main(["--run", str(out), "--num-molecules", "2", "--settings",
+                     "euler:3,midpoint:2,dopri5", "--out", str(tmp_path / "svq"),
+                     "--no-progress"])
     assert [(r["objective"], r["sampler"], r["steps"]) for r in rows] == [
-        ("flow", "euler", 3),
-        ("flow", "midpoint", 2),
-        ("flow", "dopri5", "adaptive"),
+        ("flow", "euler", 3), ("flow", "midpoint", 2), ("flow", "dopri5", "adaptive")
     ]
     assert [r["network_calls"] for r in rows[:2]] == [3, 4]  # midpoint: two per step
     assert rows[2]["network_calls"] > 0
@@ -524,57 +324,22 @@ def test_steps_vs_quality_on_a_flow_run_counts_network_calls(example, tmp_path, 
     assert "molecules as the unit for atom stability" in (tmp_path / "svq.md").read_text()
     # compared with a reference from the same noise: the same setting again is identical
     # (distance exactly 0, every type agrees), another solver is not
-    rows = svq.main(
-        [
-            "--run",
-            str(out),
-            "--num-molecules",
-            "3",
-            "--settings",
-            "midpoint:4,euler:1,midpoint:4",
-            "--reference",
-            "midpoint:4",
-            "--out",
-            str(tmp_path / "ref"),
-            "--no-progress",
-        ]
-    )
+    rows = svq.main(["--run", str(out), "--num-molecules", "3", "--settings",
+                     "midpoint:4,euler:1,midpoint:4", "--reference", "midpoint:4",
+                     "--out", str(tmp_path / "ref"), "--no-progress"])
     assert "vs_reference" not in rows[0]
     assert rows[2]["vs_reference"]["rms_distance"] == 0.0
     assert rows[2]["vs_reference"]["types_agree"] == 1.0
     assert rows[1]["vs_reference"]["rms_distance"] > 1e-3
     assert "RMS distance to midpoint:4" in (tmp_path / "ref.md").read_text()
     with pytest.raises(SystemExit):
-        svq.main(
-            [
-                "--run",
-                str(out),
-                "--settings",
-                "euler:3",
-                "--reference",
-                "dopri5",
-                "--out",
-                str(tmp_path / "bad"),
-                "--no-progress",
-            ]
-        )
+        svq.main(["--run", str(out), "--settings", "euler:3", "--reference", "dopri5",
+                  "--out", str(tmp_path / "bad"), "--no-progress"])
     with pytest.raises(SystemExit):  # refused with the library's reason before any sampling
-        svq.main(
-            [
-                "--run",
-                str(out),
-                "--num-molecules",
-                "2",
-                "--settings",
-                "ancestral:5",
-                "--out",
-                str(tmp_path / "bad"),
-                "--no-progress",
-            ]
-        )
+        svq.main(["--run", str(out), "--num-molecules", "2", "--settings", "ancestral:5",
+                  "--out", str(tmp_path / "bad"), "--no-progress"])
     assert "ancestral:5: ancestral is a diffusion sampler; a flow-matching run" in (
-        capsys.readouterr().err
-    )
+        capsys.readouterr().err)
     assert not (tmp_path / "bad").exists()
     # a grid power reaches the solver: other samples than equal steps from the same noise,
     # recorded per row; power 1 is equal steps exactly
@@ -588,11 +353,9 @@ def test_steps_vs_quality_on_a_flow_run_counts_network_calls(example, tmp_path, 
     # the SDE sampler: its noise per row and in the table; never a reference
     rows = svq.main(["--run", str(out), "--num-molecules", "2", "--settings",
                      "euler_maruyama:3~0.5,euler_maruyama:3", "--out", str(tmp_path / "sde"),
-                     "--no-progress"])  # fmt: skip
+                     "--no-progress"])
     assert [(r["sampler"], r["noise_scale"]) for r in rows] == [
-        ("euler_maruyama", 0.5),
-        ("euler_maruyama", 1.0),
-    ]
+        ("euler_maruyama", 0.5), ("euler_maruyama", 1.0)]
     assert "| flow | euler_maruyama | 3 (noise 0.5) | 3 |" in (tmp_path / "sde.md").read_text()
     for bad in ["euler:3@0", "dopri5@2", "euler:3@x", "euler:3~1", "euler_maruyama:3~-1"]:
         with pytest.raises(SystemExit):
@@ -619,10 +382,7 @@ def test_sampling_options_per_objective():
             sampling_options(*args)
     # the grid power: checked once here for every caller (the CLI and steps_vs_quality)
     assert sampling_options("flow", "euler", 10, grid_power=2) == {
-        "method": "euler",
-        "steps": 10,
-        "grid_power": 2.0,
-    }
+        "method": "euler", "steps": 10, "grid_power": 2.0}
     assert "grid_power" not in sampling_options("flow", "euler", 10)  # control
     for args, power, message in [
         (("diffusion", "ddim", 20), 2.0, "grid_power spaces the steps"),
@@ -635,10 +395,7 @@ def test_sampling_options_per_objective():
             sampling_options(*args, grid_power=power)
     # the SDE sampler's noise: for euler_maruyama only, finite and >= 0
     assert sampling_options("flow", "euler_maruyama", 50, noise_scale=0.5) == {
-        "method": "euler_maruyama",
-        "steps": 50,
-        "noise_scale": 0.5,
-    }
+        "method": "euler_maruyama", "steps": 50, "noise_scale": 0.5}
     assert sampling_options("flow", "euler_maruyama") == {"method": "euler_maruyama", "steps": 100}
     for args, noise, message in [
         (("diffusion", "ancestral", 20), 1.0, "a diffusion run has none"),
@@ -662,24 +419,9 @@ def test_qm9_flow_time_and_prediction_reach_the_model_and_are_checked(example, t
 
     qm9 = example("qm9")
     out = tmp_path / "beta"
-    qm9.main(
-        [
-            "train",
-            "--model",
-            "pca-transformer",
-            "--objective",
-            "flow",
-            "--flow-time",
-            "beta:2,1",
-            "--flow-prediction",
-            "data",
-            "--out",
-            str(out),
-            "--max-steps",
-            "2",
-            *TRAIN,
-        ]
-    )
+    qm9.main(["train", "--model", "pca-transformer", "--objective", "flow", "--flow-time",
+              "beta:2,1", "--flow-prediction", "data", "--out", str(out), "--max-steps", "2",
+              *TRAIN])
     model, cfg = load_qm9_run(out)
     assert cfg["model_config"]["flow_time"] == "beta:2,1"
     assert cfg["model_config"]["flow_prediction"] == "data" and model.prediction == "data"
@@ -692,71 +434,23 @@ def test_qm9_flow_time_and_prediction_reach_the_model_and_are_checked(example, t
     assert (float(ln.base_dist.loc), float(ln.base_dist.scale)) == (0.5, 2.0)
 
     with pytest.raises(ValueError, match="options of --objective flow"):
-        qm9.main(
-            [
-                "train",
-                "--model",
-                "gdm",
-                "--flow-time",
-                "beta:2,1",
-                "--out",
-                str(tmp_path / "d"),
-                *TRAIN,
-            ]
-        )
+        qm9.main(["train", "--model", "gdm", "--flow-time", "beta:2,1", "--out",
+                  str(tmp_path / "d"), *TRAIN])
     with pytest.raises(ValueError, match="options of flow matching"):
         qm9.qm9_model(qm9.QM9ModelConfig(flow_time="beta:2,1"))
     with pytest.raises(ValueError, match="options of --objective flow"):
-        qm9.main(
-            [
-                "train",
-                "--model",
-                "gdm",
-                "--flow-prediction",
-                "data",
-                "--out",
-                str(tmp_path / "d"),
-                *TRAIN,
-            ]
-        )
+        qm9.main(["train", "--model", "gdm", "--flow-prediction", "data", "--out",
+                  str(tmp_path / "d"), *TRAIN])
     with pytest.raises(ValueError, match="flow_prediction='data' are options of flow"):
         qm9.qm9_model(qm9.QM9ModelConfig(flow_prediction="data"))
     with pytest.raises(SystemExit):  # argparse names the choices
-        qm9.main(
-            [
-                "train",
-                "--model",
-                "pca-transformer",
-                "--objective",
-                "flow",
-                "--flow-prediction",
-                "x1",
-                "--out",
-                str(tmp_path / "d"),
-                *TRAIN,
-            ]
-        )
+        qm9.main(["train", "--model", "pca-transformer", "--objective", "flow",
+                  "--flow-prediction", "x1", "--out", str(tmp_path / "d"), *TRAIN])
     assert not (tmp_path / "d").exists()
-    for spec, message in (
-        ("gamma:1,1", "unknown flow time"),
-        ("beta:2", "two numbers"),
-        ("beta:0,1", "both be > 0"),
-        ("logit-normal:0,0", "must be > 0"),
-        ("beta:nan,1", "finite"),
-    ):
+    for spec, message in (("gamma:1,1", "unknown flow time"), ("beta:2", "two numbers"),
+                          ("beta:0,1", "both be > 0"), ("logit-normal:0,0", "must be > 0"),
+                          ("beta:nan,1", "finite")):
         with pytest.raises(ValueError, match=f"--flow-time: .*{message}"):
-            qm9.main(
-                [
-                    "train",
-                    "--model",
-                    "pca-transformer",
-                    "--objective",
-                    "flow",
-                    "--flow-time",
-                    spec,
-                    "--out",
-                    str(tmp_path / "x"),
-                    *TRAIN,
-                ]
-            )
+            qm9.main(["train", "--model", "pca-transformer", "--objective", "flow",
+                      "--flow-time", spec, "--out", str(tmp_path / "x"), *TRAIN])
         assert not (tmp_path / "x").exists()
