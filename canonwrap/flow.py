@@ -617,8 +617,9 @@ class CanonicalizedFlowMatching(CanonicalizedModel):
         marginals of the ODE. canonwrap takes ``g_t^2 = 2 * noise_scale * sigma_t``, so the
         drift is ``v - noise_scale * eps_hat`` and the noise vanishes at the data end; the
         last step adds no noise. Fresh noise (on the data's subspace) re-randomises the state
-        at every step, which lets it correct the errors of earlier steps, as ancestral
-        sampling does for diffusion; ``noise_scale = 0`` is the Euler ODE.
+        at every step, which can correct the errors of earlier steps when the score is
+        accurate (ancestral sampling's argument for diffusion); ``noise_scale = 0`` is the
+        Euler ODE.
 
         Parameters
         ----------
