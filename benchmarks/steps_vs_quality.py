@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
 
     from canonwrap.evaluation import load_qm9_run, qm9_reference_smiles
-    from canonwrap.flow import CanonicalizedFlowMatching
+    from canonwrap.flow import DEFAULT_NOISE_SCALE, STOCHASTIC_METHODS, CanonicalizedFlowMatching
     from canonwrap.metrics import evaluate
     from canonwrap.recipes import sampling_options
 
@@ -155,10 +155,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             sampling_options(objective, name, steps, grid_power=power, noise_scale=noise)
         except ValueError as err:
             parser.error(f"{_label(key)}: {err}")
+    stochastic = ("ancestral", *STOCHASTIC_METHODS)  # fresh noise at every step: no reference
     if args.reference is not None:
         if ref_key not in parsed:
             parser.error(f"--reference {args.reference} is not one of --settings {settings}")
-        if ref_key[0] in ("ancestral", "euler_maruyama"):
+        if ref_key[0] in stochastic:
             parser.error(f"--reference must be a deterministic sampler (not {ref_key[0]})")
     node_counts = model.space.node_counts
     reference = qm9_reference_smiles(cfg["remove_h"], progress=not args.no_progress)
@@ -200,7 +201,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "sampler": name,
             "steps": shown_steps,
             "grid_power": options.get("grid_power", 1.0) if "steps" in options and flow else None,
-            "noise_scale": options.get("noise_scale", 1.0) if name == "euler_maruyama" else None,
+            "noise_scale": (
+                options.get("noise_scale", DEFAULT_NOISE_SCALE)
+                if name in STOCHASTIC_METHODS
+                else None
+            ),
             "network_calls": counter.calls / batches,
             "s_per_molecule": seconds / n,
             **metrics,
@@ -222,7 +227,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.reference is not None:
         first = parsed.index(ref_key)
         for i, (key, molecules, row) in enumerate(zip(parsed, drawn, rows)):
-            if key[0] not in ("ancestral", "euler_maruyama") and i != first:
+            if key[0] not in stochastic and i != first:
                 row["vs_reference"] = _distance(molecules, drawn[first])
                 row["vs_reference"]["reference"] = args.reference
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])

@@ -115,6 +115,9 @@ a grid of ``steps`` steps like the fixed-step ODE methods; see ``noise_scale`` o
 (two seeds, 6,687 training steps) it gave worse molecules than the ODE at every noise scale
 tried (0.1-1; see the QM9 results page)."""
 
+DEFAULT_NOISE_SCALE = 1.0
+"""``noise_scale`` of a stochastic method when none is given."""
+
 _STEPPED = FIXED_STEP_METHODS + STOCHASTIC_METHODS
 
 
@@ -180,7 +183,7 @@ def _check_noise_scale(noise_scale: Any, method: str) -> float:
             )
         return 0.0
     if noise_scale is None:
-        return 1.0
+        return DEFAULT_NOISE_SCALE
     try:
         value = float(noise_scale)
     except (TypeError, ValueError):
