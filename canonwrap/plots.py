@@ -7,17 +7,40 @@
   several runs.
 - [`qm9_run_figure`][canonwrap.plots.qm9_run_figure]: the summary figure of a run of the
   QM9 example: its curves and a row of its generated molecules.
+- [`plot_steps_vs_quality`][canonwrap.plots.plot_steps_vs_quality]: molecule quality
+  against network calls per sampler, for the tables of ``benchmarks/steps_vs_quality.py``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["draw_molecule", "plot_training_curves", "qm9_run_figure", "generated_molecules"]
+__all__ = [
+    "draw_molecule",
+    "plot_training_curves",
+    "qm9_run_figure",
+    "generated_molecules",
+    "plot_steps_vs_quality",
+    "quality_series",
+]
+
+#: rates of ``benchmarks/steps_vs_quality.py`` rows counted per molecule (a binomial
+#: standard error applies when a row has none stored)
+MOLECULE_RATES = ("mol_stability", "validity", "connected_validity", "uniqueness", "novelty")
+#: every rate ``plot_steps_vs_quality`` can draw, with its axis label
+QUALITY_LABELS = {
+    "atom_stability": "atom stable %",
+    "mol_stability": "molecule stable %",
+    "validity": "valid %",
+    "connected_validity": "connected valid %",
+    "uniqueness": "unique %",
+    "novelty": "novel %",
+}
 
 #: CPK-like colours and marker sizes by atomic number
 COLOURS = {1: "#dddddd", 6: "#404040", 7: "#3050f8", 8: "#ff0d0d", 9: "#90e050"}
@@ -176,4 +199,140 @@ def qm9_run_figure(run: str | Path, path: str | Path, count: int = 6) -> Path:
             f" of {mol.get('n_molecules', '?')} samples"
         )
     fig.suptitle(title, fontsize=10)
+    return _save(plt, fig, path)
+
+
+def _series_name(row: Mapping[str, Any]) -> str:
+    name = str(row["sampler"])
+    power = row.get("grid_power")
+    if power is not None and float(power) != 1.0:
+        name += f"@{power:g}"
+    noise = row.get("noise_scale")
+    if noise is not None:
+        name += f"~{noise:g}"
+    return name
+
+
+def quality_series(
+    rows: Sequence[Mapping[str, Any]], metric: str
+) -> dict[str, list[tuple[float, float, float | None]]]:
+    """The points ``plot_steps_vs_quality`` draws for one table and one rate.
+
+    Parameters
+    ----------
+    rows : sequence of mappings
+        Rows of one ``steps_vs_quality.py`` table (its JSON's ``"rows"``).
+    metric : str
+        A key of ``QUALITY_LABELS``.
+
+    Returns
+    -------
+    dict
+        Sampler (with ``@P`` for a grid power other than 1 and ``~S`` for a noise scale, as
+        the script's settings name them) -> ``(network calls, rate %, standard error %)``
+        sorted by calls. The standard error is the row's stored ``<metric>_se``; without one
+        it is binomial over ``n_molecules`` for the molecule-level rates, and ``None`` for
+        atom stability, whose atoms are not independent draws.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``metric`` or a row without ``sampler``, ``network_calls`` or the
+        rate.
+    """
+    if metric not in QUALITY_LABELS:
+        raise ValueError(f"unknown rate {metric!r}; choose from {', '.join(QUALITY_LABELS)}")
+    series: dict[str, list[tuple[float, float, float | None]]] = {}
+    for i, row in enumerate(rows):
+        missing = [k for k in ("sampler", "network_calls", metric) if row.get(k) is None]
+        if missing:
+            raise ValueError(f"row {i} has no {', '.join(missing)}")
+        value = float(row[metric])
+        se = row.get(f"{metric}_se")
+        if se is None and metric in MOLECULE_RATES and row.get("n_molecules"):
+            se = math.sqrt(value * (1.0 - value) / int(row["n_molecules"]))
+        point = (float(row["network_calls"]), 100.0 * value, None if se is None else 100.0 * se)
+        series.setdefault(_series_name(row), []).append(point)
+    return {name: sorted(points) for name, points in series.items()}
+
+
+def plot_steps_vs_quality(
+    tables: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: str | Path,
+    metrics: Sequence[str] = ("atom_stability", "validity", "connected_validity"),
+    title: str | None = None,
+    levels: Sequence[str] = ("ancestral",),
+) -> Path:
+    """Write a PNG with one panel per rate: each sampler's rate against its network calls
+    (log axis), one colour per table and one marker per sampler, with one-standard-error
+    bars where known.
+
+    The samplers named in ``levels`` (default: 1,000-step ancestral sampling, the usual
+    reference) are also drawn as dotted horizontal lines across the panel, so that the
+    few-step samplers of the other tables can be read against them.
+
+    Parameters
+    ----------
+    tables : Mapping
+        Label -> rows of a ``benchmarks/steps_vs_quality.py`` table (its JSON's ``"rows"``).
+    path : str or Path
+        The PNG to write (folders are created).
+    metrics : sequence of str
+        Rates to draw, keys of ``QUALITY_LABELS``.
+    title : str, optional
+        A title above the panels.
+    levels : sequence of str
+        Samplers (as ``quality_series`` names them) also drawn as horizontal lines.
+
+    Raises
+    ------
+    ValueError
+        Without tables or rates, or as [`quality_series`][canonwrap.plots.quality_series].
+    """
+    if not tables:
+        raise ValueError("no tables to plot")
+    if not metrics:
+        raise ValueError("no rates to plot")
+    drawn = {label: {m: quality_series(rows, m) for m in metrics} for label, rows in tables.items()}
+    samplers: list[str] = []  # one marker and line style per sampler, the same in every table
+    for per_metric in drawn.values():
+        for name in per_metric[metrics[0]]:
+            if name not in samplers:
+                samplers.append(name)
+    plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.4), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", "-.", (0, (1, 1))]
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
+    for ax, metric in zip(axes[0], metrics):
+        for t, (label, per_metric) in enumerate(drawn.items()):
+            colour = colours[t % len(colours)]
+            for name, points in per_metric[metric].items():
+                k = samplers.index(name)
+                calls = [p[0] for p in points]
+                values = [p[1] for p in points]
+                errors = [0.0 if p[2] is None else p[2] for p in points]
+                ax.errorbar(
+                    calls,
+                    values,
+                    yerr=errors if any(p[2] is not None for p in points) else None,
+                    color=colour,
+                    linestyle=styles[k % len(styles)] if len(points) > 1 else "none",
+                    marker=markers[k % len(markers)],
+                    capsize=3,
+                    label=f"{label}: {name}",
+                )
+                if name in levels:
+                    for value in values:
+                        ax.axhline(value, color=colour, linestyle=":", linewidth=1)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.set_xlabel("network calls per molecule")
+        ax.set_ylabel(QUALITY_LABELS[metric])
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(plt, fig, path)
