@@ -302,7 +302,9 @@ def plot_steps_vs_quality(
     plt = _pyplot()
     from matplotlib.ticker import FuncFormatter
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(5.2 * len(metrics) + 2.4, 4.4), squeeze=False
+    )
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ["-", "--", "-.", (0, (1, 1))]
     markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -332,7 +334,7 @@ def plot_steps_vs_quality(
         ax.set_xlabel("network calls per molecule")
         ax.set_ylabel(QUALITY_LABELS[metric])
         ax.grid(alpha=0.3, which="both")
-    axes[0][0].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(plt, fig, path)
