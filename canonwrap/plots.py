@@ -287,13 +287,19 @@ def plot_steps_vs_quality(
     Raises
     ------
     ValueError
-        Without tables or rates, or as [`quality_series`][canonwrap.plots.quality_series].
+        Without tables or rates, or as [`quality_series`][canonwrap.plots.quality_series]
+        (the message then starts with the table's label); nothing is written then.
     """
     if not tables:
         raise ValueError("no tables to plot")
     if not metrics:
         raise ValueError("no rates to plot")
-    drawn = {label: {m: quality_series(rows, m) for m in metrics} for label, rows in tables.items()}
+    drawn = {}  # every table and rate checked before anything is drawn
+    for label, rows in tables.items():
+        try:
+            drawn[label] = {m: quality_series(rows, m) for m in metrics}
+        except ValueError as err:
+            raise ValueError(f"{label}: {err}") from None
     samplers: list[str] = []  # one marker and line style per sampler, the same in every table
     for per_metric in drawn.values():
         for name in per_metric[metrics[0]]:
